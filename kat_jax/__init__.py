@@ -1,0 +1,1 @@
+"""kat_jax: JAX/Flax training of agentic code models with the KAT-Coder recipe."""

