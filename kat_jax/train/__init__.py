@@ -1,0 +1,1 @@
+"""Train state, optimizer, losses, the shared step and loop, checkpoints, metrics, stages."""

@@ -1,0 +1,116 @@
+"""Model shapes by name, and the typed ``ModelConfig`` the Flax module is built from.
+
+``get_preset("tiny")`` returns an ml_collections ConfigDict (so experiment configs can override any field
+from the command line); ``ModelConfig.from_config(cfg)`` turns it into a frozen, validated dataclass.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from kat_jax import config as config_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  qk_norm: bool = False          # Qwen3
+  qkv_bias: bool = False         # Qwen2 / Qwen2.5
+  tie_embeddings: bool = True
+  param_dtype: str = "float32"
+  dtype: str = "float32"         # compute dtype
+  remat: str = "none"            # none | full | dots (save matmul outputs) | dots_no_batch
+  attention_impl: str = "xla"    # see kat_jax.model.attention
+  value_head: bool = False       # scalar head over final hidden states (PPO critic)
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict) -> "ModelConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in cfg.items() if k in fields}
+    unknown = set(cfg.keys()) - fields - {"name"}
+    if unknown:
+      raise config_lib.ConfigError(
+          f"config.model has unknown field(s) {sorted(unknown)}; known fields: {sorted(fields)}")
+    out = cls(**values)
+    out.validate()
+    return out
+
+  def validate(self) -> None:
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "mlp_dim"):
+      if getattr(self, name) <= 0:
+        raise config_lib.ConfigError(f"config.model.{name}={getattr(self, name)} must be positive")
+    if self.num_heads % self.num_kv_heads:
+      raise config_lib.ConfigError(
+          f"config.model.num_heads={self.num_heads} is not divisible by "
+          f"config.model.num_kv_heads={self.num_kv_heads}: choose num_kv_heads among the divisors "
+          f"of num_heads")
+    for name in ("param_dtype", "dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16"):
+        raise config_lib.ConfigError(
+            f"config.model.{name}={getattr(self, name)!r}: use 'float32' or 'bfloat16'")
+    if self.remat not in ("none", "full", "dots", "dots_no_batch"):
+      raise config_lib.ConfigError(
+          f"config.model.remat={self.remat!r}: use one of none, full, dots, dots_no_batch")
+
+  def num_params(self, include_embedding: bool = True) -> int:
+    attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    mlp = 3 * self.d_model * self.mlp_dim
+    layer = attn + mlp
+    emb = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+    return self.num_layers * layer + (emb if include_embedding else 0)
+
+  def matmul_flops_per_token(self, seq_len: int, causal: bool = True) -> float:
+    """Forward+backward matmul FLOPs per token, as MaxText counts them (causal attention halved)."""
+    attn_proj = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    mlp = 3 * self.d_model * self.mlp_dim
+    lm_head = self.vocab_size * self.d_model
+    weights = 6 * (self.num_layers * (attn_proj + mlp) + lm_head)
+    attention = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+    if causal:
+      attention /= 2
+    return float(weights + attention)
+
+
+_PRESETS = {
+    # A few seconds per step on a 2-core CPU. Heads/dims divisible by 8 so every mesh of 8 shards it.
+    "tiny": dict(vocab_size=2048, d_model=128, num_layers=4, num_heads=8, num_kv_heads=4,
+                 head_dim=16, mlp_dim=512, rope_theta=10_000.0),
+    # CPU benchmarks: large enough that matmuls dominate.
+    "small": dict(vocab_size=8192, d_model=512, num_layers=6, num_heads=8, num_kv_heads=4,
+                  head_dim=64, mlp_dim=2048, rope_theta=10_000.0),
+    # Shapes of the Qwen3 family (config.json of the public checkpoints).
+    "qwen3_0p6b": dict(vocab_size=151936, d_model=1024, num_layers=28, num_heads=16, num_kv_heads=8,
+                       head_dim=128, mlp_dim=3072, rope_theta=1_000_000.0, norm_eps=1e-6,
+                       qk_norm=True, tie_embeddings=True, dtype="bfloat16", param_dtype="float32",
+                       remat="full"),
+    "qwen3_8b": dict(vocab_size=151936, d_model=4096, num_layers=36, num_heads=32, num_kv_heads=8,
+                     head_dim=128, mlp_dim=12288, rope_theta=1_000_000.0, norm_eps=1e-6,
+                     qk_norm=True, tie_embeddings=False, dtype="bfloat16", param_dtype="float32",
+                     remat="full"),
+    "qwen3_32b": dict(vocab_size=151936, d_model=5120, num_layers=64, num_heads=64, num_kv_heads=8,
+                      head_dim=128, mlp_dim=25600, rope_theta=1_000_000.0, norm_eps=1e-6,
+                      qk_norm=True, tie_embeddings=False, dtype="bfloat16", param_dtype="float32",
+                      remat="full"),
+}
+
+
+def preset_names() -> list[str]:
+  return sorted(_PRESETS)
+
+
+def get_preset(name: str) -> ml_collections.ConfigDict:
+  if name not in _PRESETS:
+    raise config_lib.ConfigError(
+        f"unknown model preset {name!r}: choose one of {preset_names()}")
+  base = dataclasses.asdict(ModelConfig(**_PRESETS[name]))
+  return ml_collections.ConfigDict(dict(name=name, **base))

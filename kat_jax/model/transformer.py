@@ -1,0 +1,230 @@
+"""Decoder-only Transformer (Flax linen): RMSNorm, RoPE, GQA attention (optional QK-norm / qkv bias),
+SwiGLU MLP, tied or untied output embedding, optional value head.
+
+Usage::
+
+  model = Transformer(ModelConfig(...))
+  params = model.init(rng, tokens, positions, mask)["params"]
+  out = model.apply({"params": params}, tokens, positions, mask)   # out.logits [B, T, V]
+
+``mask`` is an ``AttentionMask`` of DFS intervals (``intervals_from_segment_ids`` for packed sequences,
+tree batches carry their own). The attention implementation is chosen by ``config.attention_impl``.
+With ``kv_cache`` the call writes the new keys/values at cache slots ``mask.tin`` and attends over the
+whole cache with the same interval rule (cache slots keep their own tin/tout) — prefill and decode are
+one code path.
+
+Every parameter carries logical axis names (see kat_jax.sharding); pass ``mesh`` and ``rules`` to also
+constrain the main activations.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from kat_jax import sharding as sharding_lib
+from kat_jax.model import attention as attention_lib
+from kat_jax.model.presets import ModelConfig
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys/values of every layer at S slots, with each slot's interval (tout == tin: empty slot)."""
+  k: jax.Array      # [L, B, S, Hkv, D]
+  v: jax.Array      # [L, B, S, Hkv, D]
+  tin: jax.Array    # [B, S] int32
+  tout: jax.Array   # [B, S] int32
+
+  @classmethod
+  def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> "KVCache":
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    dtype = _DTYPES[cfg.dtype]
+    idx = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (batch, slots))
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), tin=idx, tout=idx)
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  logits: jax.Array                      # [B, T, V] float32
+  values: Optional[jax.Array] = None     # [B, T] float32 (value head)
+  hidden: Optional[jax.Array] = None     # [B, T, d] final normed hidden states
+  kv_cache: Optional[KVCache] = None
+
+
+def _param(module: nn.Module, name: str, shape, names, cfg: ModelConfig, init=None):
+  init = init or nn.initializers.normal(stddev=shape[0] ** -0.5 if len(shape) > 1 else 1.0)
+  return module.param(name, nn.with_logical_partitioning(init, names), shape,
+                      _DTYPES[cfg.param_dtype])
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+  dim: int
+  names: tuple = ("norm",)
+
+  @nn.compact
+  def __call__(self, x):
+    scale = _param(self, "scale", (self.dim,), self.names, self.cfg, nn.initializers.ones)
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(var + self.cfg.norm_eps) * scale.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rope(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, rotate-half convention (as Llama/Qwen checkpoints use)."""
+  d = x_bthd.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq          # [B, T, D/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]       # [B, T, 1, D]
+  x = x_bthd.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_bthd.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  mesh: Optional[Mesh] = None
+  rules: Any = sharding_lib.DEFAULT_RULES
+
+  @nn.compact
+  def __call__(self, x, positions, mask: attention_lib.AttentionMask, layer_cache=None):
+    cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
+    d, h, hkv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    wq = _param(self, "q_proj", (d, h, hd), ("embed", "heads", "head_dim"), cfg)
+    wk = _param(self, "k_proj", (d, hkv, hd), ("embed", "kv_heads", "head_dim"), cfg)
+    wv = _param(self, "v_proj", (d, hkv, hd), ("embed", "kv_heads", "head_dim"), cfg)
+    wo = _param(self, "o_proj", (h, hd, d), ("heads", "head_dim", "embed"), cfg,
+                nn.initializers.normal(stddev=(h * hd) ** -0.5))
+    q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dtype))
+    k = jnp.einsum("btd,dhk->bthk", x, wk.astype(dtype))
+    v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dtype))
+    if cfg.qkv_bias:
+      zeros = nn.initializers.zeros
+      q = q + _param(self, "q_bias", (h, hd), ("heads", "head_dim"), cfg, zeros).astype(dtype)
+      k = k + _param(self, "k_bias", (hkv, hd), ("kv_heads", "head_dim"), cfg, zeros).astype(dtype)
+      v = v + _param(self, "v_bias", (hkv, hd), ("kv_heads", "head_dim"), cfg, zeros).astype(dtype)
+    if cfg.qk_norm:
+      q = RMSNorm(cfg, hd, ("head_dim",), name="q_norm")(q)
+      k = RMSNorm(cfg, hd, ("head_dim",), name="k_norm")(k)
+    q = rope(q, positions, cfg.rope_theta)
+    k = rope(k, positions, cfg.rope_theta)
+    q = sharding_lib.constrain(q, ("act_batch", "act_length", "act_heads", None), self.mesh,
+                               self.rules)
+
+    if layer_cache is None:
+      out = attention_lib.get_attention_fn(cfg.attention_impl)(q, k, v, mask)
+      new_cache = None
+    else:
+      cache_k, cache_v, cache_tin, cache_tout = layer_cache
+      rows = jnp.arange(x.shape[0])[:, None]
+      cache_k = cache_k.at[rows, mask.tin].set(k.astype(cache_k.dtype))
+      cache_v = cache_v.at[rows, mask.tin].set(v.astype(cache_v.dtype))
+      out = attention_lib.dense_attention_general(q, cache_k, cache_v, mask.tin, cache_tin,
+                                                  cache_tout)
+      new_cache = (cache_k, cache_v)
+    y = jnp.einsum("bthk,hkd->btd", out, wo.astype(dtype))
+    return y, new_cache
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+  mesh: Optional[Mesh] = None
+  rules: Any = sharding_lib.DEFAULT_RULES
+
+  @nn.compact
+  def __call__(self, x):
+    cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
+    wg = _param(self, "gate_proj", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), cfg)
+    wu = _param(self, "up_proj", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), cfg)
+    wd = _param(self, "down_proj", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), cfg)
+    hidden = nn.silu(x @ wg.astype(dtype)) * (x @ wu.astype(dtype))
+    hidden = sharding_lib.constrain(hidden, ("act_batch", "act_length", "act_mlp"), self.mesh,
+                                    self.rules)
+    return hidden @ wd.astype(dtype)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+  mesh: Optional[Mesh] = None
+  rules: Any = sharding_lib.DEFAULT_RULES
+
+  @nn.compact
+  def __call__(self, x, positions, mask, layer_cache=None):
+    cfg = self.cfg
+    y, new_cache = Attention(cfg, self.mesh, self.rules, name="attn")(
+        RMSNorm(cfg, cfg.d_model, name="attn_norm")(x), positions, mask, layer_cache)
+    x = x + y
+    x = x + Mlp(cfg, self.mesh, self.rules, name="mlp")(RMSNorm(cfg, cfg.d_model, name="mlp_norm")(x))
+    x = sharding_lib.constrain(x, ("act_batch", "act_length", "act_embed"), self.mesh, self.rules)
+    return x, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+  mesh: Optional[Mesh] = None
+  rules: Any = sharding_lib.DEFAULT_RULES
+
+  @nn.compact
+  def __call__(self, tokens_bt, positions_bt, mask: attention_lib.AttentionMask,
+               kv_cache: Optional[KVCache] = None, return_hidden: bool = False) -> ModelOutput:
+    cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
+    embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg,
+                       nn.initializers.normal(stddev=cfg.d_model ** -0.5))
+    x = jnp.take(embedding, tokens_bt, axis=0).astype(dtype)
+    x = sharding_lib.constrain(x, ("act_batch", "act_length", "act_embed"), self.mesh, self.rules)
+
+    block_cls = Block
+    if cfg.remat != "none" and kv_cache is None:
+      block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=True)
+
+    new_k, new_v = [], []
+    if kv_cache is not None:
+      # Slots written by this call take the new tokens' intervals.
+      rows = jnp.arange(tokens_bt.shape[0])[:, None]
+      cache_tin = kv_cache.tin.at[rows, mask.tin].set(mask.tin)
+      cache_tout = kv_cache.tout.at[rows, mask.tin].set(mask.tout)
+    for i in range(cfg.num_layers):
+      layer_cache = None
+      if kv_cache is not None:
+        layer_cache = (kv_cache.k[i], kv_cache.v[i], cache_tin, cache_tout)
+      x, c = block_cls(cfg, self.mesh, self.rules, name=f"layer_{i}")(x, positions_bt, mask,
+                                                                      layer_cache)
+      if c is not None:
+        new_k.append(c[0])
+        new_v.append(c[1])
+
+    hidden = RMSNorm(cfg, cfg.d_model, name="final_norm")(x)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", hidden, embedding.astype(dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+      logits = jnp.einsum("btd,dv->btv", hidden, head.astype(dtype),
+                          preferred_element_type=jnp.float32)
+    logits = sharding_lib.constrain(logits, ("act_batch", "act_length", "act_vocab"), self.mesh,
+                                    self.rules)
+    values = None
+    if cfg.value_head:
+      w = _param(self, "value_head", (cfg.d_model, 1), ("embed", None), cfg,
+                 nn.initializers.zeros)
+      values = jnp.einsum("btd,do->bto", hidden.astype(jnp.float32), w.astype(jnp.float32))[..., 0]
+    new_cache = None
+    if kv_cache is not None:
+      new_cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), tin=cache_tin, tout=cache_tout)
+    return ModelOutput(logits=logits.astype(jnp.float32), values=values,
+                       hidden=hidden if return_hidden else None, kv_cache=new_cache)

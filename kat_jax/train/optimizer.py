@@ -1,0 +1,33 @@
+"""AdamW with linear warmup + cosine decay and global-norm clipping, from ``config.train``."""
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+
+def make_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=train_cfg.learning_rate,
+      warmup_steps=max(int(train_cfg.warmup_steps), 1),
+      decay_steps=max(int(train_cfg.steps), int(train_cfg.warmup_steps) + 1),
+      end_value=train_cfg.learning_rate * train_cfg.get("min_lr_ratio", 0.1),
+  )
+
+
+def _decay_mask(params):
+  """Weight decay on matrices only (not norms, biases, scalars)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(train_cfg: ml_collections.ConfigDict):
+  """Returns (optax transform, schedule)."""
+  schedule = make_schedule(train_cfg)
+  tx = optax.chain(
+      optax.clip_by_global_norm(train_cfg.get("grad_clip", 1.0)),
+      optax.adamw(schedule, b1=train_cfg.get("b1", 0.9), b2=train_cfg.get("b2", 0.95),
+                  eps=train_cfg.get("eps", 1e-8), weight_decay=train_cfg.get("weight_decay", 0.1),
+                  mask=_decay_mask),
+  )
+  return tx, schedule

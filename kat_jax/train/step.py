@@ -1,0 +1,90 @@
+"""The one train/eval step skeleton all stages share: loss → grads (optionally accumulated over
+micro-batches) → optax update, compiled with explicit in/out shardings and a donated state.
+
+A stage only chooses the ``Loss`` (see kat_jax.train.losses); the step never changes. A step whose loss
+or gradient norm is not finite leaves the state untouched and reports ``finite = 0`` so the loop can stop
+with the last good state and checkpoint.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kat_jax import sharding as sharding_lib
+from kat_jax.train.losses import Loss, LossContext
+from kat_jax.train.state import TrainState
+
+
+def _microbatches(batch: dict, accum: int) -> dict:
+  """[B, ...] -> [accum, B/accum, ...], micro-batch i taking rows i, i+accum, ... so that every
+  micro-batch stays spread over all data shards."""
+  def split(x):
+    b = x.shape[0]
+    return jnp.swapaxes(x.reshape((b // accum, accum) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def loss_and_grads(params, batch, loss: Loss, ctx: LossContext, accum: int = 1):
+  """(loss, metric sums, grads) of ``sum(numerator) / denominator`` over the global batch."""
+  denom = jnp.maximum(loss.denominator(batch).astype(jnp.float32), 1e-9)
+
+  def scaled(p, mb):
+    num, metrics = loss.numerator(p, mb, ctx)
+    return num / denom, metrics
+
+  grad_fn = jax.value_and_grad(scaled, has_aux=True)
+  if accum == 1:
+    (value, metrics), grads = grad_fn(params, batch)
+  else:
+    mbs = _microbatches(batch, accum)
+
+    def body(carry, mb):
+      (v, m), g = grad_fn(params, mb)
+      acc_v, acc_m, acc_g = carry
+      return (acc_v + v, jax.tree.map(jnp.add, acc_m, m), jax.tree.map(jnp.add, acc_g, g)), None
+
+    first = jax.tree.map(lambda x: x[0], mbs)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first))
+    (_, m0), g0 = zeros
+    (value, metrics, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), m0, g0), mbs)
+  return value, metrics, denom, grads
+
+
+def make_train_step(apply_fn: Callable, loss: Loss, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, train_cfg, state_shardings, mesh, rules):
+  accum = int(train_cfg.get("grad_accum_steps", 1))
+
+  def step(state: TrainState, batch: dict, rng: jax.Array):
+    ctx = LossContext(apply_fn=apply_fn, config=train_cfg, rng=jax.random.fold_in(rng, state.step))
+    value, metric_sums, denom, grads = loss_and_grads(state.params, batch, loss, ctx, accum)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics = {"loss": value, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+               "weight_sum": denom, "finite": finite.astype(jnp.float32)}
+    metrics.update({k.removesuffix("_sum"): v / denom for k, v in metric_sums.items()})
+    return new, metrics
+
+  batch_sh = sharding_lib.batch_sharding(mesh, rules)
+  rep = sharding_lib.replicated(mesh)
+  return jax.jit(step, in_shardings=(state_shardings, batch_sh, rep),
+                 out_shardings=(state_shardings, rep), donate_argnums=(0,))
+
+
+def make_eval_step(apply_fn: Callable, loss: Loss, train_cfg, state_shardings, mesh, rules):
+  """Returns jitted ``(params, batch) -> (numerator sum, denominator)`` for a held-out split."""
+
+  def step(params, batch):
+    ctx = LossContext(apply_fn=apply_fn, config=train_cfg)
+    num, metrics = loss.numerator(params, batch, ctx)
+    return {"numerator": num, "denominator": loss.denominator(batch), **metrics}
+
+  batch_sh = sharding_lib.batch_sharding(mesh, rules)
+  return jax.jit(step, in_shardings=(state_shardings.params, batch_sh),
+                 out_shardings=sharding_lib.replicated(mesh))
