@@ -1,0 +1,71 @@
+"""The data section of every experiment config (``config.data``): corpora, tokenizer, packing, mixture.
+
+Usage: ``config.data = default_data_config()`` in an experiment file, then override fields, e.g.
+``--config.data.mixture.commits=0.2 --config.data.commits.repo=/path/to/repo``. Lists are
+comma-separated strings so that they can be overridden on the command line.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from kat_jax.data.corpora import source_code
+
+# Names of the mixture streams, in the order used for tie-breaking and metrics.
+STREAMS = ("code", "commits", "trajectories", "instructions", "procedural")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # TFDS cache of the built corpora; '' = $KAT_JAX_DATA_DIR or ~/.cache/kat_jax/tfds.
+  config.data_dir = ""
+  # Fraction of each corpus (by stable hash of a file path / commit sha / file:line) held out as "eval".
+  config.eval_fraction = 0.05
+
+  # Tokenizer: a saved tokenizer directory, or '' to train one from the code corpus (train split)
+  # once and cache it in tokenizer_cache_dir ('' = <workdir>/tokenizer).
+  config.tokenizer_path = ""
+  config.tokenizer_cache_dir = ""
+  config.vocab_size = 2048
+  config.tokenizer_max_sentences = 100_000  # sampled multi-line chunks; bounds training time
+  config.tokenizer_lines_per_sentence = 4
+
+  # Packing of documents into [batch, seq_len] rows: 'split' cuts a document that does not fit at the
+  # row end and continues it in the next row (no padding); 'pad' pads the row instead when the document
+  # would fit a fresh row (documents longer than a row are still split).
+  config.packing = "split"
+  config.prefetch_documents = 32  # per stream, tokenized ahead on worker threads
+  config.num_threads = 2
+
+  # Mixture weights in tokens (normalized over streams with weight > 0).
+  config.mixture = ml_collections.ConfigDict({name: 0.0 for name in STREAMS})
+  config.mixture.code = 1.0
+
+  # Source-code corpus; root '' = the installed Python standard library.
+  config.code = ml_collections.ConfigDict(dict(
+      root="", extensions=".py", exclude_dirs=",".join(source_code.DEFAULT_EXCLUDE_DIRS),
+      max_file_bytes=1_000_000, language_headers=True))
+  # Commits of a local git repository rendered as request (message) -> answer (diff).
+  config.commits = ml_collections.ConfigDict(dict(
+      repo="", revision="HEAD", max_commits=20_000, max_diff_bytes=200_000))
+  # Conversations / trajectories (SFT, RFT teacher trajectories, tool use): JSONL files or globs.
+  config.trajectories = ml_collections.ConfigDict(dict(paths=""))
+  # Instruction data (e.g. Evol-Instruct output) in the same JSONL conversation format.
+  config.instructions = ml_collections.ConfigDict(dict(paths=""))
+  # Procedural tasks from kat_jax.data.procedural.
+  config.procedural = ml_collections.ConfigDict(dict(
+      families="", num_train=20_000, num_eval=500, seed=0))
+
+  # Fill-in-the-middle, applied per code document before packing (Bavarian et al. 2022; aiXcoder).
+  config.fim = ml_collections.ConfigDict(dict(
+      rate=0.0,            # probability that a code document is FIM-transformed
+      spm_rate=0.5,        # of those, fraction in SPM order (else PSM)
+      mode="structured",   # 'structured' (a complete AST node as the middle) or 'character'
+  ))
+  return config
+
+
+def split_list(value: str) -> list[str]:
+  """``"a, b,,c"`` -> ``["a", "b", "c"]`` (config lists are comma-separated strings)."""
+  if isinstance(value, (list, tuple)):
+    return [str(v).strip() for v in value if str(v).strip()]
+  return [part.strip() for part in str(value).split(",") if part.strip()]

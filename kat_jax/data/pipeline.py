@@ -1,0 +1,417 @@
+"""Grain pipelines from the configured corpora to packed, checkpointable LM batches.
+
+Usage (the trainer's whole view of the data)::
+
+  tokenizer = get_or_train_tokenizer(config.data, workdir)
+  batches = make_lm_iterator(config.data, tokenizer, split="train", batch_size=8, seq_len=512,
+                             seed=0, shard_index=jax.process_index(), shard_count=jax.process_count())
+  batch = next(batches)          # dict of [batch_size, seq_len] arrays, see LMIterator
+  state = batches.get_state()    # JSON-serializable; save with the checkpoint
+  batches.set_state(state)       # later batches are identical to the uninterrupted run
+  batches.metrics()              # realized per-stream token fractions, padding, FIM share, skips
+
+Each mixture stream is a grain ``MapDataset``: corpus split (TFDS array_record source) → this process's
+shard (``[shard_index::shard_count]``) → ``shuffle(seed)`` → ``repeat()`` (grain reshuffles every
+epoch with a per-epoch seed) → ``map_with_index(to Document)`` (render, optional FIM, tokenize, EOS).
+Because the stream is random-access, its position is one integer; the iterator's state is those
+integers, the document being packed and its offset, and the mixture's token counts.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import tempfile
+import time
+import zlib
+from typing import Callable, Mapping, NamedTuple, Optional
+
+from absl import logging
+import grain
+import ml_collections
+import numpy as np
+
+from kat_jax.data import corpora
+from kat_jax.data import mixture as mixture_lib
+from kat_jax.data import tokenizer as tokenizer_lib
+from kat_jax.data.config import split_list
+from kat_jax.data.corpora import common
+from kat_jax.data.corpora import source_code
+
+SPLITS = common.SPLITS
+_STATE_VERSION = 1
+
+
+class Document(NamedTuple):
+  """One tokenized document, ready to pack.
+
+  ``ids`` int32 [L] ends with EOS. ``loss_mask`` float32 [L]: ``loss_mask[j]`` is the weight of
+  predicting token ``j`` from its prefix (0 for prompt tokens of a conversation; ``loss_mask[0]`` is
+  never used). ``fim``: whether the document was FIM-transformed.
+  """
+  ids: np.ndarray
+  loss_mask: np.ndarray
+  fim: bool = False
+
+
+def plain_document(ids: list[int], eos_id: int, fim: bool = False) -> Document:
+  """A document whose every token is a training target, with EOS appended."""
+  ids_l = np.asarray(list(ids) + [eos_id], dtype=np.int32)
+  return Document(ids_l, np.ones(ids_l.shape, np.float32), fim)
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def code_corpus_builder(data_config: ml_collections.ConfigDict):
+  """The prepared (built once, cached) source-code corpus of ``data_config.code``."""
+  code = data_config.code
+  config = source_code.source_code_config(
+      code.root, extensions=split_list(code.extensions), exclude_dirs=split_list(code.exclude_dirs),
+      max_file_bytes=code.max_file_bytes, eval_fraction=data_config.eval_fraction)
+  return corpora.prepare(source_code.SourceCode, config, data_config.data_dir)
+
+
+def code_example_text(example: Mapping, language_headers: bool = True) -> str:
+  content = _text(example["content"])
+  if not language_headers:
+    return content
+  return source_code.document_text(_text(example["path"]), _text(example["language"]), content)
+
+
+def _tokenizer_cache_key(data_config, builder) -> str:
+  fields = dict(corpus=builder.builder_config.name, vocab_size=int(data_config.vocab_size),
+                max_sentences=int(data_config.tokenizer_max_sentences),
+                lines=int(data_config.tokenizer_lines_per_sentence),
+                headers=bool(data_config.code.language_headers))
+  return f"sentencepiece_{data_config.vocab_size}_{common.config_fingerprint(fields)}"
+
+
+def get_or_train_tokenizer(data_config: ml_collections.ConfigDict, workdir: str
+                           ) -> tokenizer_lib.Tokenizer:
+  """``data_config.tokenizer_path`` if set; else the tokenizer trained once from the code corpus.
+
+  A trained tokenizer is cached in ``data_config.tokenizer_cache_dir`` (default ``<workdir>/tokenizer``)
+  under a name fingerprinting the corpus and tokenizer settings, and reused by later calls.
+  """
+  if data_config.tokenizer_path:
+    return tokenizer_lib.load_tokenizer(data_config.tokenizer_path)
+  builder = code_corpus_builder(data_config)
+  cache_root = data_config.tokenizer_cache_dir or os.path.join(workdir, "tokenizer")
+  directory = os.path.join(cache_root, _tokenizer_cache_key(data_config, builder))
+  cached = tokenizer_lib.maybe_tokenizer(directory)
+  if cached is not None:
+    return cached
+  start = time.time()
+  source = builder.as_data_source(split="train")
+  headers = bool(data_config.code.language_headers)
+  texts = [code_example_text(source[i], headers) for i in range(len(source))]
+  tokenizer = tokenizer_lib.SentencePieceTokenizer.train(
+      texts, vocab_size=int(data_config.vocab_size),
+      max_sentences=int(data_config.tokenizer_max_sentences),
+      lines_per_sentence=int(data_config.tokenizer_lines_per_sentence))
+  # Write to a temporary directory and rename, so concurrent processes never see half a tokenizer.
+  os.makedirs(cache_root, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tokenizer_tmp_", dir=cache_root)
+  tokenizer.save(tmp)
+  try:
+    os.rename(tmp, directory)
+  except OSError:  # another process won the race; use its copy
+    shutil.rmtree(tmp, ignore_errors=True)
+  logging.info("trained tokenizer (vocab %d) on %d files in %.1fs -> %s", tokenizer.vocab_size,
+               len(texts), time.time() - start, directory)
+  return tokenizer_lib.load_tokenizer(directory)
+
+
+# ------------------------------------------------------------------------------------------ streams
+
+
+class Stream(NamedTuple):
+  """An infinite random-access stream of Documents and the build statistics of its corpora."""
+  documents: grain.MapDataset
+  stats: dict
+
+
+def _stream_seed(seed: int, name: str) -> int:
+  return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**31
+
+
+def document_rng(seed: int, name: str, index: int) -> np.random.Generator:
+  """The random generator for the ``index``-th document of stream ``name`` (FIM choices etc.)."""
+  return np.random.default_rng([_stream_seed(seed, name), int(index)])
+
+
+def _sharded_shuffled(source, name: str, split: str, seed: int, shard_index: int,
+                      shard_count: int) -> grain.MapDataset:
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index={shard_index} is outside [0, shard_count={shard_count})")
+  dataset = grain.MapDataset.source(source)
+  if shard_count > 1:
+    dataset = dataset[shard_index::shard_count]
+  if len(dataset) == 0:
+    raise ValueError(
+        f"stream {name!r}: split {split!r} has no examples for shard {shard_index}/{shard_count} "
+        f"({len(source)} examples before sharding); use a larger corpus or a larger eval_fraction, "
+        "or give the stream weight 0.")
+  return dataset.shuffle(seed=_stream_seed(seed, name)).repeat()
+
+
+def _code_stream(data_config, tokenizer, *, split, seed, shard_index, shard_count) -> Stream:
+  builder = code_corpus_builder(data_config)
+  dataset = _sharded_shuffled(builder.as_data_source(split=split), "code", split, seed, shard_index,
+                              shard_count)
+  headers = bool(data_config.code.language_headers)
+  fim_transform = make_fim_transform(data_config, tokenizer)
+  eos_id = tokenizer.eos_id
+
+  def to_document(index, example):
+    if fim_transform is not None:
+      document = fim_transform(example, document_rng(seed, "code", index))
+      if document is not None:
+        return document
+    return plain_document(tokenizer.encode(code_example_text(example, headers)), eos_id)
+
+  return Stream(dataset.map_with_index(to_document), {"code": common.builder_stats(builder)})
+
+
+def make_fim_transform(data_config, tokenizer) -> Optional[Callable]:
+  """``fn(code_example, rng) -> Document | None`` applying FIM with probability ``fim.rate``.
+
+  Returns None when FIM is off (``data.fim.rate == 0``).
+  """
+  if float(data_config.fim.rate) <= 0.0:
+    return None
+  raise NotImplementedError(
+      "data.fim.rate > 0 needs kat_jax/data/fim.py, which is not available yet; set "
+      "--config.data.fim.rate=0.")
+
+
+StreamFactory = Callable[..., Stream]
+STREAM_FACTORIES: dict[str, StreamFactory] = {"code": _code_stream}
+
+
+def make_streams(data_config, tokenizer, *, split: str, seed: int, shard_index: int = 0,
+                 shard_count: int = 1) -> dict[str, Stream]:
+  """The streams with positive mixture weight, by name."""
+  weights = mixture_lib.normalized_weights(dict(data_config.mixture))
+  streams = {}
+  for name in weights:
+    if name not in STREAM_FACTORIES:
+      raise ValueError(f"mixture stream {name!r} has no builder; known streams: "
+                       f"{sorted(STREAM_FACTORIES)}")
+    streams[name] = STREAM_FACTORIES[name](data_config, tokenizer, split=split, seed=seed,
+                                           shard_index=shard_index, shard_count=shard_count)
+  return streams
+
+
+# ------------------------------------------------------------------------------------------ packing
+
+
+class LMIterator:
+  """Infinite iterator of packed LM batches over a token-weighted mixture of document streams.
+
+  Each batch is a dict of [batch_size, seq_len] arrays:
+    inputs      int32    token ids (``pad_id`` on padding)
+    targets     int32    the next token of the same document (``pad_id`` where there is none)
+    positions   int32    position within the packed piece of the document, restarting at 0
+    segment_ids int32    1, 2, ... per document piece in the row; 0 on padding
+    weights     float32  loss weight of ``targets``: the document's loss mask where the target is a
+                         real next token, 0 at each document's last token and on padding
+  A document cut at a row end continues at the start of a later row (new segment, positions from 0);
+  the last token before the cut still has its real next token as target.
+  """
+
+  def __init__(self, streams: Mapping[str, Stream], weights: Mapping[str, float], *,
+               batch_size: int, seq_len: int, pad_id: int, packing: str = "split",
+               prefetch_documents: int = 32, num_threads: int = 2):
+    if packing not in ("split", "pad"):
+      raise ValueError(f"packing={packing!r}; use 'split' or 'pad'")
+    if batch_size < 1 or seq_len < 2:
+      raise ValueError(f"need batch_size >= 1 and seq_len >= 2, got {batch_size}, {seq_len}")
+    self._streams = dict(streams)
+    self._mixture = mixture_lib.TokenMixture(weights)
+    missing = [name for name in self._mixture.names if name not in self._streams]
+    if missing:
+      raise ValueError(f"mixture streams {missing} have no Stream")
+    self.batch_size, self.seq_len, self.pad_id, self.packing = batch_size, seq_len, pad_id, packing
+    self._prefetch = max(0, int(prefetch_documents))
+    self._executor = (concurrent.futures.ThreadPoolExecutor(max(1, num_threads))
+                      if self._prefetch and num_threads > 0 else None)
+    self._futures: dict[str, dict[int, concurrent.futures.Future]] = {n: {} for n in self._streams}
+    self._reset_position()
+
+  def _reset_position(self):
+    self._next_index = {name: 0 for name in self._mixture.names}
+    self._current: Optional[tuple[str, int, int]] = None  # (stream, index, offset)
+    self._current_document: Optional[Document] = None
+    self._counters = {"batches": 0, "padding": 0, "loss_tokens": 0, "fim_tokens": 0,
+                      **{f"tokens/{n}": 0 for n in self._mixture.names},
+                      **{f"documents/{n}": 0 for n in self._mixture.names}}
+
+  # -- documents
+
+  def _load(self, name: str, index: int) -> Document:
+    dataset = self._streams[name].documents
+    if self._executor is None:
+      return dataset[index]
+    futures = self._futures[name]
+    for ahead in range(index, index + self._prefetch + 1):
+      if ahead not in futures:
+        futures[ahead] = self._executor.submit(dataset.__getitem__, ahead)
+    for stale in [k for k in futures if k < index]:
+      futures.pop(stale).cancel()
+    return futures.pop(index).result()
+
+  def _take_document(self) -> tuple[str, Document, int]:
+    if self._current is None:
+      name = self._mixture.choose()
+      index = self._next_index[name]
+      self._next_index[name] = index + 1
+      document = self._load(name, index)
+      self._mixture.record(name, len(document.ids))
+      self._counters[f"documents/{name}"] += 1
+      self._current = (name, index, 0)
+      self._current_document = document
+    elif self._current_document is None:  # restored from a state: fetch the document again
+      name, index, _ = self._current
+      self._current_document = self._load(name, index)
+    return self._current[0], self._current_document, self._current[2]
+
+  # -- batches
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    shape = (self.batch_size, self.seq_len)
+    inputs = np.full(shape, self.pad_id, np.int32)
+    targets = np.full(shape, self.pad_id, np.int32)
+    positions = np.zeros(shape, np.int32)
+    segment_ids = np.zeros(shape, np.int32)
+    weights = np.zeros(shape, np.float32)
+    for row in range(self.batch_size):
+      filled, segment = 0, 0
+      while filled < self.seq_len:
+        name, document, offset = self._take_document()
+        length = len(document.ids)
+        remaining = length - offset
+        space = self.seq_len - filled
+        if self.packing == "pad" and filled > 0 and space < remaining <= self.seq_len:
+          break  # pad the rest of this row; the document starts the next one
+        n = min(remaining, space)
+        segment += 1
+        cols = slice(filled, filled + n)
+        inputs[row, cols] = document.ids[offset:offset + n]
+        positions[row, cols] = np.arange(n, dtype=np.int32)
+        segment_ids[row, cols] = segment
+        # Targets are the following tokens; the document's last token has none (weight 0).
+        num_targets = min(n, length - 1 - offset)
+        targets[row, filled:filled + num_targets] = document.ids[offset + 1:offset + 1 + num_targets]
+        weights[row, filled:filled + num_targets] = document.loss_mask[
+            offset + 1:offset + 1 + num_targets]
+        self._counters[f"tokens/{name}"] += n
+        if document.fim:
+          self._counters["fim_tokens"] += n
+        filled += n
+        if offset + n == length:
+          self._current, self._current_document = None, None
+        else:
+          self._current = (name, self._current[1], offset + n)
+      self._counters["padding"] += self.seq_len - filled
+    self._counters["batches"] += 1
+    self._counters["loss_tokens"] += int(np.count_nonzero(weights))
+    return {"inputs": inputs, "targets": targets, "positions": positions,
+            "segment_ids": segment_ids, "weights": weights}
+
+  # -- checkpointing
+
+  def get_state(self) -> dict:
+    """JSON-serializable position: per-stream next index, the document in progress, counters."""
+    return {"version": _STATE_VERSION, "next_index": dict(self._next_index),
+            "current": list(self._current) if self._current is not None else None,
+            "mixture": self._mixture.get_state(), "counters": dict(self._counters),
+            "shape": [self.batch_size, self.seq_len], "packing": self.packing}
+
+  def set_state(self, state: Mapping) -> None:
+    if state.get("version") != _STATE_VERSION:
+      raise ValueError(f"data iterator state version {state.get('version')!r} is not "
+                       f"{_STATE_VERSION}; it was written by an incompatible kat_jax version.")
+    if sorted(state["next_index"]) != sorted(self._mixture.names):
+      raise ValueError(f"data state has streams {sorted(state['next_index'])} but the config mixes "
+                       f"{sorted(self._mixture.names)}; resume with the same data.mixture.")
+    if list(state.get("shape", [])) != [self.batch_size, self.seq_len]:
+      logging.warning("data state was saved with batch shape %s, resuming with %s; the document "
+                      "order continues, the batch boundaries differ.", state.get("shape"),
+                      [self.batch_size, self.seq_len])
+    self._reset_position()
+    for futures in self._futures.values():
+      for future in futures.values():
+        future.cancel()
+      futures.clear()
+    self._next_index = {name: int(i) for name, i in state["next_index"].items()}
+    current = state["current"]
+    self._current = (str(current[0]), int(current[1]), int(current[2])) if current else None
+    self._current_document = None
+    self._mixture.set_state(state["mixture"])
+    self._counters.update({k: int(v) for k, v in state["counters"].items()})
+
+  # -- metrics
+
+  def stats(self) -> dict:
+    """Build statistics of every corpus behind the streams (kept/skipped counts, problem reports)."""
+    merged = {}
+    for stream in self._streams.values():
+      merged.update(stream.stats)
+    return merged
+
+  def metrics(self) -> dict[str, float]:
+    """Realized mixture since the start of training: per-stream token fractions and more."""
+    counters = self._counters
+    placed = sum(counters[f"tokens/{n}"] for n in self._mixture.names)
+    total = placed + counters["padding"]
+    result = {f"data/token_fraction/{n}": counters[f"tokens/{n}"] / max(placed, 1)
+              for n in self._mixture.names}
+    result.update({f"data/target_fraction/{n}": w for n, w in self._mixture.weights.items()})
+    result["data/padding_fraction"] = counters["padding"] / max(total, 1)
+    result["data/loss_token_fraction"] = counters["loss_tokens"] / max(total, 1)
+    result["data/fim_token_fraction"] = counters["fim_tokens"] / max(placed, 1)
+    result["data/tokens_seen"] = float(total)
+    for n in self._mixture.names:
+      result[f"data/documents/{n}"] = float(counters[f"documents/{n}"])
+    for corpus, stats in self.stats().items():
+      for reason, count in stats.get("skipped", {}).items():
+        result[f"data/skipped/{corpus}/{reason}"] = float(count)
+    return result
+
+  def close(self) -> None:
+    if self._executor is not None:
+      for futures in self._futures.values():
+        for future in futures.values():
+          future.cancel()
+        futures.clear()
+      self._executor.shutdown(wait=False, cancel_futures=True)
+      self._executor = None
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except  (interpreter shutdown)
+      pass
+
+
+def make_lm_iterator(data_config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer, *,
+                     split: str, batch_size: int, seq_len: int, seed: int, shard_index: int = 0,
+                     shard_count: int = 1) -> LMIterator:
+  """Packed LM batches of the configured mixture for this process's shard of ``split``."""
+  if split not in SPLITS:
+    raise ValueError(f"split={split!r}; use one of {SPLITS}")
+  streams = make_streams(data_config, tokenizer, split=split, seed=seed, shard_index=shard_index,
+                         shard_count=shard_count)
+  return LMIterator(streams, dict(data_config.mixture), batch_size=batch_size, seq_len=seq_len,
+                    pad_id=tokenizer.pad_id, packing=data_config.packing,
+                    prefetch_documents=data_config.prefetch_documents,
+                    num_threads=data_config.num_threads)
