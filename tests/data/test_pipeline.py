@@ -93,7 +93,7 @@ def test_packing_invariants_and_documents_intact(data_config, tokenizer, packing
   config = data_config.copy_and_resolve_references()
   config.packing = packing
   iterator = pipeline.make_lm_iterator(config, tokenizer, split="train", batch_size=3,
-                                       seq_len=96, seed=1)
+                                       seq_len=256, seed=1)
   batches = [next(iterator) for _ in range(80)]
   for batch in batches:
     assert_packing_invariants(batch, tokenizer.eos_id, tokenizer.pad_id)
@@ -119,7 +119,7 @@ def test_packing_invariants_and_documents_intact(data_config, tokenizer, packing
   if packing == "split":
     assert metrics["data/padding_fraction"] == 0.0
   else:
-    padding = sum(int((b["segment_ids"] == 0).sum()) for b in batches) / (80 * 3 * 96)
+    padding = sum(int((b["segment_ids"] == 0).sum()) for b in batches) / (80 * 3 * 256)
     assert padding > 0
     assert metrics["data/padding_fraction"] == pytest.approx(padding)
 
