@@ -1,0 +1,464 @@
+"""Entropy-budget pruning of trajectory trees: which tree tokens get a loss under a token budget.
+
+Even with prefix sharing, a loss on every token of every tree costs too much. Pruning keeps the nodes
+that carry the most training signal within ``budget`` tokens per tree and returns a per-token keep
+mask over the serialized tree. Pruned tokens contribute no loss; kept tokens still attend to their
+full context, and because the kept set is closed under ancestors, the kept tokens' context is kept too
+(the tree could even be compacted to the kept tokens). The public description (KAT-Coder) gives only
+the ingredients; the rule below is ours. docs/PRUNING.md explains the choices and the measurements.
+
+The rule, per tree (nodes = compressed trie nodes of ``kat_jax.tree.build``, split at tag changes):
+
+1. **Score.** ``score[n] = log(agg_entropy[n]) + log(reach[n])`` (the log of a product, so path
+   probabilities cannot underflow). ``agg_entropy`` is the sum or mean of per-token policy entropies
+   over the node's tokens (``entropy_scope='node'``) or its whole subtree (``'subtree'``).
+   ``entropies[t]`` is the entropy of the distribution token t was sampled from (computed at its
+   parent's row). ``reach`` is the chance the node is reached: ``'fraction'`` of the trajectories
+   through it, ``'branch'`` the product of empirical branch frequencies along its path (count of the
+   child over the count of all its siblings; equal to the fraction unless trajectories end at inner
+   nodes), ``'policy'`` exp of the summed log-probs of the path through the node's own tokens, or
+   ``'uniform'``. Default: mean over the node × fraction = the node's expected entropy per token in
+   the flat (per-trajectory) loss — the value density of a token-budget knapsack.
+2. **Mandatory part.** Event nodes (any token tagged tool_call / tool_result / memory,
+   ``event_tags``) are kept whole, with a window of local context after them: ``event_window_unit=
+   'tokens'``: the first ``event_window`` tokens after the event node's end on every branch below it
+   (tokens at positions ``[end, end + w)`` in the event's subtree); ``'nodes'``: every descendant node
+   at most ``w`` node-levels below an event node. Context before an event is its root path, kept by
+   the ancestor closure. The mandatory part is the ancestor closure of those tokens.
+3. **Best-first expansion.** A node can only be kept after its parent, so its effective priority is
+   its *bottleneck* ``min(score over its root path)``. Expansion pops nodes from the frontier in
+   decreasing bottleneck order, ties by node index (pre-order, so a parent always precedes its
+   children); each costs its not-yet-mandatory tokens. Expansion *stops* at the first node that does
+   not fit in the remaining budget; that node keeps the prefix of its tokens that fits
+   (``truncate_last_node``; a node is a chain, so a prefix keeps the ancestor closure) and nothing
+   after it is taken. If the mandatory part alone exceeds the budget exactly it is kept and
+   ``mandatory_exceeds_budget`` is set.
+
+Vectorized: bottleneck = path-min by pointer jumping (log depth rounds of gathers); the expansion
+order = stable argsort of ``-bottleneck`` (parents sort before children since their key is not
+smaller and their index is); the budget cut = cumulative token sum over that order. No Python loop
+over nodes; O(T + M log M) per tree, vmapped over the batch. ``kat_jax.tree.reference`` implements
+the same rule with a heap, for the tests.
+
+Usage::
+
+  config = default_prune_config(); config.enabled = True
+  keep_bt, metrics = prune_tree_batch(batch, entropies_bt, config)   # jittable
+  loss_weight = keep_bt[b, batch.pred_label_rows]                    # gate prediction pairs
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from kat_jax.tree.build import EVENT_TAGS
+
+SCORES = ("entropy", "random", "longest_path")
+ENTROPY_AGGS = ("mean", "sum")
+ENTROPY_SCOPES = ("node", "subtree")
+REACHES = ("fraction", "branch", "policy", "uniform")
+WINDOW_UNITS = ("tokens", "nodes")
+_NO_EVENT = -(2 ** 30)
+
+
+def default_prune_config() -> ml_collections.ConfigDict:
+  """The ``prune`` block of a train config (see the module docstring for each field)."""
+  c = ml_collections.ConfigDict()
+  c.enabled = False
+  c.budget_tokens = -1          # >= 0: tokens kept per tree; -1: use budget_fraction
+  c.budget_fraction = 0.5       # of each tree's tokens, floor(fraction * N_tree)
+  c.score = "entropy"           # entropy | random | longest_path (the last two are baselines)
+  c.entropy_agg = "mean"        # mean | sum
+  c.entropy_scope = "node"      # node | subtree
+  c.reach = "fraction"          # fraction | branch | policy | uniform
+  c.event_tags = EVENT_TAGS     # tags that make a node an event (always kept)
+  c.event_window = 16
+  c.event_window_unit = "tokens"  # tokens | nodes
+  c.truncate_last_node = True   # the first node that does not fit keeps the prefix that fits
+  c.seed = 0                    # for score='random' when no rng is passed
+  return c
+
+
+class PruneSettings(NamedTuple):
+  """Validated, hashable form of the ``prune`` config (static under jit)."""
+  enabled: bool
+  budget_tokens: int
+  budget_fraction: float
+  score: str
+  entropy_agg: str
+  entropy_scope: str
+  reach: str
+  event_tags: tuple
+  event_window: int
+  event_window_unit: str
+  truncate_last_node: bool
+  seed: int
+
+
+def _choice(name, value, allowed):
+  if value not in allowed:
+    raise ValueError(f"prune.{name} = {value!r} is not one of {allowed}")
+  return value
+
+
+def settings_from_config(config: Any) -> PruneSettings:
+  """Validates a ``prune`` ConfigDict (or mapping / PruneSettings); errors name field and fix."""
+  if isinstance(config, PruneSettings):
+    return config
+  if not hasattr(config, "get"):
+    raise TypeError(f"prune config must be a ConfigDict or a mapping, got {type(config).__name__}")
+  d = default_prune_config()
+  unknown = sorted(set(config.keys()) - set(d.keys()))
+  if unknown:
+    raise ValueError(f"unknown prune config fields {unknown}; known: {sorted(d.keys())}")
+  merged = {key: config.get(key, d[key]) for key in d.keys()}
+  budget_tokens = int(merged["budget_tokens"])
+  fraction = float(merged["budget_fraction"])
+  if budget_tokens < -1:
+    raise ValueError(f"prune.budget_tokens = {budget_tokens}: use >= 0, or -1 for budget_fraction")
+  if budget_tokens == -1 and not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"prune.budget_fraction = {fraction} must lie in [0, 1]")
+  window = int(merged["event_window"])
+  if window < 0:
+    raise ValueError(f"prune.event_window = {window} must be >= 0")
+  return PruneSettings(
+      enabled=bool(merged["enabled"]),
+      budget_tokens=budget_tokens,
+      budget_fraction=fraction,
+      score=_choice("score", merged["score"], SCORES),
+      entropy_agg=_choice("entropy_agg", merged["entropy_agg"], ENTROPY_AGGS),
+      entropy_scope=_choice("entropy_scope", merged["entropy_scope"], ENTROPY_SCOPES),
+      reach=_choice("reach", merged["reach"], REACHES),
+      event_tags=tuple(int(t) for t in merged["event_tags"]),
+      event_window=window,
+      event_window_unit=_choice("event_window_unit", merged["event_window_unit"], WINDOW_UNITS),
+      truncate_last_node=bool(merged["truncate_last_node"]),
+      seed=int(merged["seed"]),
+  )
+
+
+class PruneResult(NamedTuple):
+  keep_mask: jax.Array         # bool [B, T]: token gets a loss
+  node_kept_tokens: jax.Array  # int32 [B, M]: kept prefix length of each node (size = whole node)
+  node_scores: jax.Array       # float32 [B, M]: the scores the expansion used
+  metrics: dict                # name -> [B]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-tree building blocks (vmapped below). A tree is a dict of the TreeBatch arrays of one row.
+
+_TREE_KEYS = ("positions", "tags", "token_node", "token_traj_count", "token_valid", "node_start",
+              "node_size", "node_parent", "node_depth", "node_subtree_end", "node_traj_count",
+              "row_map", "lengths", "traj_valid")
+
+
+def _tree_arrays(batch) -> dict:
+  get = batch.get if isinstance(batch, Mapping) else lambda k: getattr(batch, k)
+  return {k: jnp.asarray(get(k)) for k in _TREE_KEYS}
+
+
+def path_reduce(values_m, parent_m, op):
+  """Inclusive reduction of ``values`` over each node's root path (ancestor-or-self).
+
+  Pointer jumping: after round r each node holds the reduction over its 2^r nearest path nodes;
+  a while loop stops when every pointer has left the root. ``op`` must be associative
+  (min, max, add).
+  """
+  def cond(carry):
+    return jnp.any(carry[1] >= 0)
+
+  def body(carry):
+    val, anc = carry
+    has = anc >= 0
+    a = jnp.where(has, anc, 0)
+    return jnp.where(has, op(val, val[a]), val), jnp.where(has, anc[a], -1)
+
+  val, _ = jax.lax.while_loop(cond, body, (values_m, parent_m))
+  return val
+
+
+def _subtree_sum(x_m, subtree_end_m, first_m):
+  """Sum of x over the pre-order node range [first, subtree_end) of each node."""
+  c = jnp.concatenate([jnp.zeros((1,), x_m.dtype), jnp.cumsum(x_m)])
+  return c[subtree_end_m] - c[first_m]
+
+
+def _subtree_max(x_m, subtree_end_m):
+  """Max of x over [n, subtree_end[n]) via a sparse table (log M levels)."""
+  m = x_m.shape[0]
+  levels = [x_m]
+  span = 1
+  while 2 * span <= m:
+    prev = levels[-1]
+    shifted = jnp.concatenate([prev[span:], jnp.full((span,), prev.min(), prev.dtype)])
+    levels.append(jnp.maximum(prev, shifted))
+    span *= 2
+  table = jnp.stack(levels)
+  lo = jnp.arange(m)
+  length = jnp.maximum(subtree_end_m - lo, 1)
+  k = 31 - jax.lax.clz(length.astype(jnp.int32))
+  return jnp.maximum(table[k, lo], table[k, subtree_end_m - (1 << k)])
+
+
+def _node_quantities(tree):
+  """(node validity [M], M)."""
+  return tree["node_size"] > 0, tree["node_size"].shape[0]
+
+
+def _entropy_scores_one(tree, entropies_t, logprobs_t, s: PruneSettings):
+  node_valid, m = _node_quantities(tree)
+  valid_t = tree["token_valid"]
+  ent_node = jax.ops.segment_sum(jnp.where(valid_t, entropies_t, 0.0).astype(jnp.float32),
+                                 tree["token_node"], m)
+  size = tree["node_size"].astype(jnp.float32)
+  if s.entropy_scope == "subtree":
+    idx = jnp.arange(m)
+    ent = _subtree_sum(ent_node, tree["node_subtree_end"], idx)
+    count = _subtree_sum(size, tree["node_subtree_end"], idx)
+  else:
+    ent, count = ent_node, size
+  agg = ent / jnp.maximum(count, 1.0) if s.entropy_agg == "mean" else ent
+  score = jnp.log(jnp.maximum(agg, 0.0))
+  traj_count = tree["node_traj_count"].astype(jnp.float32)
+  if s.reach == "fraction":
+    num_traj = jnp.sum(tree["traj_valid"]).astype(jnp.float32)
+    score = score + (jnp.log(traj_count) - jnp.log(num_traj))
+  elif s.reach == "branch":
+    parent = tree["node_parent"]
+    siblings = jax.ops.segment_sum(traj_count, parent + 1, m + 1)[parent + 1]
+    log_ratio = jnp.where(node_valid, jnp.log(traj_count) - jnp.log(siblings), 0.0)
+    score = score + path_reduce(log_ratio, parent, jnp.add)
+  elif s.reach == "policy":
+    lp_node = jax.ops.segment_sum(jnp.where(valid_t, logprobs_t, 0.0).astype(jnp.float32),
+                                  tree["token_node"], m)
+    score = score + path_reduce(lp_node, tree["node_parent"], jnp.add)
+  return jnp.where(node_valid, score, -jnp.inf)
+
+
+def _longest_path_scores_one(tree):
+  node_valid, _ = _node_quantities(tree)
+  start = tree["node_start"]
+  end_pos = tree["positions"][start] + tree["node_size"]
+  end_pos = jnp.where(node_valid, end_pos, 0)
+  longest = _subtree_max(end_pos, tree["node_subtree_end"])
+  return jnp.where(node_valid, jnp.log(longest.astype(jnp.float32)), -jnp.inf)
+
+
+def _mandatory_one(tree, s: PruneSettings):
+  """Tokens of each node (a prefix) that are always kept: events, windows, their ancestors."""
+  node_valid, m = _node_quantities(tree)
+  size = tree["node_size"]
+  parent = tree["node_parent"]
+  tag_event = jnp.zeros_like(tree["token_valid"])
+  for tag in s.event_tags:
+    tag_event = tag_event | (tree["tags"] == tag)
+  tag_event = tag_event & tree["token_valid"]
+  is_event = jax.ops.segment_max(tag_event.astype(jnp.int32), tree["token_node"], m) > 0
+  w = s.event_window
+  if s.event_window_unit == "tokens":
+    pos0 = tree["positions"][tree["node_start"]]
+    window_end = jnp.where(is_event, pos0 + size + w, _NO_EVENT)
+    window_end = path_reduce(window_end, parent, jnp.maximum)
+    from_above = jnp.where(parent >= 0, window_end[jnp.maximum(parent, 0)], _NO_EVENT)
+    own = jnp.where(is_event, size, jnp.clip(from_above - pos0, 0, size))
+  else:
+    event_depth = jnp.where(is_event, tree["node_depth"], _NO_EVENT)
+    nearest = path_reduce(event_depth, parent, jnp.maximum)
+    own = jnp.where((nearest >= 0) & (tree["node_depth"] - nearest <= w), size, 0)
+  own = jnp.where(node_valid, own, 0)
+  idx = jnp.arange(m)
+  below = _subtree_sum((own > 0).astype(jnp.int32), tree["node_subtree_end"], idx + 1)
+  return jnp.where(below > 0, size, own).astype(jnp.int32)
+
+
+def select_one(node_parent_m, node_size_m, scores_m, mandatory_m, budget, truncate: bool):
+  """Best-first expansion by bottleneck score under a token budget -> kept prefix per node."""
+  m = scores_m.shape[0]
+  bottleneck = path_reduce(scores_m.astype(jnp.float32), node_parent_m, jnp.minimum)
+  key = -bottleneck
+  key = jnp.where(key == 0, 0.0, key)  # one zero: -0.0 and 0.0 compare equal in the reference
+  key = jnp.where(node_size_m > 0, key, jnp.inf)  # padding nodes last (cost 0 anyway)
+  order = jnp.argsort(key, stable=True)
+  cost = (node_size_m - mandatory_m)[order]
+  cum_prev = jnp.cumsum(cost) - cost
+  remaining = jnp.maximum(budget - jnp.sum(mandatory_m), 0)
+  if truncate:
+    extra_sorted = jnp.clip(remaining - cum_prev, 0, cost)
+  else:
+    extra_sorted = jnp.where(cum_prev + cost <= remaining, cost, 0)
+  extra = jnp.zeros((m,), jnp.int32).at[order].set(extra_sorted.astype(jnp.int32))
+  return mandatory_m + extra
+
+
+def tree_budgets(batch, config) -> jax.Array:
+  """int32 [B] token budget per tree: ``budget_tokens``, or floor(budget_fraction * N_tree)."""
+  s = settings_from_config(config)
+  valid = _tree_arrays(batch)["token_valid"]
+  if s.budget_tokens >= 0:
+    return jnp.full(valid.shape[:1], s.budget_tokens, jnp.int32)
+  n = jnp.sum(valid, axis=1).astype(jnp.float32)
+  return jnp.floor(jnp.float32(s.budget_fraction) * n).astype(jnp.int32)
+
+
+def _static(s: PruneSettings) -> PruneSettings:
+  """The settings the compiled code depends on (budgets and seed are traced / used outside)."""
+  return s._replace(budget_tokens=0, budget_fraction=0.0, seed=0)
+
+
+def _prune_one(tree, scores_m, entropies_t, budget, s: PruneSettings):
+  mandatory = _mandatory_one(tree, s)
+  kept = select_one(tree["node_parent"], tree["node_size"], scores_m, mandatory, budget,
+                    s.truncate_last_node)
+  m = kept.shape[0]
+  t = tree["token_node"].shape[0]
+  node_t = jnp.minimum(tree["token_node"], m - 1)
+  offset = jnp.arange(t) - tree["node_start"][node_t]
+  keep = tree["token_valid"] & (offset < kept[node_t])
+
+  weight = jnp.where(tree["token_valid"], entropies_t * tree["token_traj_count"], 0.0)
+  total = jnp.sum(weight)
+  kept_weight = jnp.sum(jnp.where(keep, weight, 0.0))
+  last_rows = jnp.take_along_axis(tree["row_map"], jnp.maximum(tree["lengths"] - 1, 0)[:, None],
+                                  axis=1)[:, 0]
+  mandatory_tokens = jnp.sum(mandatory)
+  kept_tokens = jnp.sum(keep.astype(jnp.int32))
+  tree_tokens = jnp.sum(tree["token_valid"].astype(jnp.int32))
+  metrics = {
+      "kept_tokens": kept_tokens,
+      "tree_tokens": tree_tokens,
+      "kept_fraction": kept_tokens / jnp.maximum(tree_tokens, 1),
+      "budget": budget,
+      "mandatory_tokens": mandatory_tokens,
+      "mandatory_exceeds_budget": mandatory_tokens > budget,
+      "kept_entropy_fraction": jnp.where(total > 0, kept_weight / jnp.where(total > 0, total, 1.0),
+                                         1.0),
+      "kept_trajectories": jnp.sum(tree["traj_valid"] & keep[last_rows]),
+      "kept_nodes": jnp.sum((kept == tree["node_size"]) & (tree["node_size"] > 0)),
+  }
+  return keep, kept, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched public API.
+
+def _zeros_like_tokens(tree):
+  return jnp.zeros(tree["token_valid"].shape, jnp.float32)
+
+
+def entropy_node_scores(batch, entropies_bt, config, logprobs_bt=None) -> jax.Array:
+  """[B, M] entropy × reach scores (log domain) of the configured variant."""
+  s = settings_from_config(config)
+  tree = _tree_arrays(batch)
+  if logprobs_bt is None:
+    if s.reach == "policy":
+      raise ValueError("prune.reach = 'policy' needs logprobs_bt (log-prob of each tree token)")
+    logprobs_bt = _zeros_like_tokens(tree)
+  return _entropy_scores_jit(tree, jnp.asarray(entropies_bt, jnp.float32),
+                             jnp.asarray(logprobs_bt, jnp.float32), _static(s))
+
+
+def longest_path_node_scores(batch) -> jax.Array:
+  """[B, M] log of the longest root-to-leaf path (tokens) through each node."""
+  return jax.vmap(_longest_path_scores_one)(_tree_arrays(batch))
+
+
+def random_node_scores(batch, rng) -> jax.Array:
+  """[B, M] i.i.d. uniform scores (the random baseline)."""
+  shape = jnp.shape(_tree_arrays(batch)["node_size"])
+  return jax.random.uniform(rng, shape)
+
+
+def mandatory_node_tokens(batch, config) -> jax.Array:
+  """[B, M] tokens of each node in the mandatory part (events, windows, their ancestors)."""
+  s = settings_from_config(config)
+  return jax.vmap(lambda t: _mandatory_one(t, s))(_tree_arrays(batch))
+
+
+def select_nodes(node_parent_bm, node_size_bm, scores_bm, mandatory_bm, budget_b,
+                 truncate_last_node: bool = True) -> jax.Array:
+  """[B, M] kept prefix per node: the vectorized best-first expansion (see module docstring)."""
+  fn = lambda p, z, sc, md, bu: select_one(p, z, sc, md, bu, truncate_last_node)
+  return jax.vmap(fn)(jnp.asarray(node_parent_bm), jnp.asarray(node_size_bm),
+                      jnp.asarray(scores_bm), jnp.asarray(mandatory_bm), jnp.asarray(budget_b))
+
+
+def _entropy_scores_impl(tree, entropies_bt, logprobs_bt, s):
+  return jax.vmap(lambda t, e, lp: _entropy_scores_one(t, e, lp, s))(tree, entropies_bt, logprobs_bt)
+
+
+def _prune_impl(tree, scores_bm, entropies_bt, budget_b, s):
+  fn = lambda t, sc, e, bu: _prune_one(t, sc, e, bu, s)
+  keep, kept, metrics = jax.vmap(fn)(tree, scores_bm, entropies_bt, budget_b)
+  return PruneResult(keep_mask=keep, node_kept_tokens=kept, node_scores=scores_bm, metrics=metrics)
+
+
+def _entropy_prune_impl(tree, entropies_bt, logprobs_bt, budget_b, s):
+  scores = _entropy_scores_impl(tree, entropies_bt, logprobs_bt, s)
+  return _prune_impl(tree, scores, entropies_bt, budget_b, s)
+
+
+_entropy_scores_jit = jax.jit(_entropy_scores_impl, static_argnums=3)
+_prune_jit = jax.jit(_prune_impl, static_argnums=4)
+_entropy_prune_jit = jax.jit(_entropy_prune_impl, static_argnums=4)
+
+
+def prune_with_scores(batch, node_scores_bm, config, entropies_bt=None) -> PruneResult:
+  """Expansion with caller-given node scores (baselines, tests); entropies only feed the metrics."""
+  s = settings_from_config(config)
+  tree = _tree_arrays(batch)
+  ent = _zeros_like_tokens(tree) if entropies_bt is None else jnp.asarray(entropies_bt, jnp.float32)
+  return _prune_jit(tree, jnp.asarray(node_scores_bm, jnp.float32), ent, tree_budgets(batch, s),
+                    _static(s))
+
+
+def prune_random(batch, config, rng=None, entropies_bt=None) -> PruneResult:
+  """Random baseline: i.i.d. node scores, same mandatory part, closure and budget."""
+  s = settings_from_config(config)
+  rng = jax.random.PRNGKey(s.seed) if rng is None else rng
+  return prune_with_scores(batch, random_node_scores(batch, rng), s, entropies_bt)
+
+
+def prune_longest_path(batch, config, entropies_bt=None) -> PruneResult:
+  """Keep-longest-path baseline: nodes on the longest root-to-leaf paths first."""
+  return prune_with_scores(batch, longest_path_node_scores(batch), config, entropies_bt)
+
+
+def prune_nodes(batch, entropies_bt, config, logprobs_bt=None, rng=None) -> PruneResult:
+  """The configured pruning rule (``config.score``) on a batch; jittable (config is static)."""
+  s = settings_from_config(config)
+  if s.score == "random":
+    return prune_random(batch, s, rng, entropies_bt)
+  if s.score == "longest_path":
+    return prune_longest_path(batch, s, entropies_bt)
+  tree = _tree_arrays(batch)
+  if logprobs_bt is None:
+    if s.reach == "policy":
+      raise ValueError("prune.reach = 'policy' needs logprobs_bt (log-prob of each tree token)")
+    logprobs_bt = _zeros_like_tokens(tree)
+  return _entropy_prune_jit(tree, jnp.asarray(entropies_bt, jnp.float32),
+                            jnp.asarray(logprobs_bt, jnp.float32), tree_budgets(batch, s),
+                            _static(s))
+
+
+def prune_tree_batch(batch, entropies_bt, config, logprobs_bt=None, rng=None):
+  """Train-step hook: ``(keep_mask [B, T] bool, metrics {name: [B]})``.
+
+  With ``config.enabled`` false every valid token is kept and the metrics say so.
+  """
+  s = settings_from_config(config)
+  if not s.enabled:
+    valid = jnp.asarray(_tree_arrays(batch)["token_valid"])
+    n = jnp.sum(valid, axis=1).astype(jnp.int32)
+    metrics = {"kept_tokens": n, "tree_tokens": n, "kept_fraction": jnp.ones(n.shape),
+               "budget": n, "mandatory_tokens": jnp.zeros_like(n),
+               "mandatory_exceeds_budget": jnp.zeros(n.shape, bool),
+               "kept_entropy_fraction": jnp.ones(n.shape),
+               "kept_trajectories": jnp.sum(_tree_arrays(batch)["traj_valid"], axis=1),
+               "kept_nodes": jnp.sum(_tree_arrays(batch)["node_size"] > 0, axis=1)}
+    return valid, metrics
+  result = prune_nodes(batch, entropies_bt, s, logprobs_bt, rng)
+  return result.keep_mask, result.metrics
