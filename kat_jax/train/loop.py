@@ -131,3 +131,23 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     writer.close()
   result["state"] = state
   return result
+
+
+def load_state(config: ml_collections.ConfigDict, workdir: str, step: Optional[int] = None):
+  """Restores the train state saved in ``workdir`` (latest step by default) onto the config's mesh.
+
+  Returns (state, model, mesh, step)."""
+  config_lib.validate(config, jax.device_count())
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.rules_from_config(config)
+  model = Transformer(ModelConfig.from_config(config.model), mesh=mesh, rules=rules)
+  tx, _ = optimizer.make_optimizer(config.train)
+  example = {"inputs": jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len),
+                                            np.int32)}
+  abstract, _ = state_lib.abstract_state(model, tx, example, mesh, rules)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1000)
+  try:
+    state, _, restored_step = ckpt.restore(abstract, step)
+  finally:
+    ckpt.close()
+  return state, model, mesh, restored_step

@@ -1,0 +1,66 @@
+"""A run killed with SIGKILL and restarted on the same workdir ends bitwise equal to an
+uninterrupted run (model, optimizer state and data position all restored)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import synthetic_tiny
+from kat_jax.train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS, EVERY, KILL_AFTER = 12, 4, 8
+OVERRIDES = [f"--config.train.steps={STEPS}", f"--config.train.checkpoint_every={EVERY}",
+             "--config.train.eval_every=0", "--config.train.progress_bar=False",
+             "--config.train.seq_len=64", "--config.train.log_every=1",
+             "--config.train.warmup_steps=2"]
+
+
+def _launch(workdir):
+  return subprocess.Popen(
+      [sys.executable, "-m", "experiments.main", "--config=configs/synthetic_tiny.py",
+       f"--workdir={workdir}", *OVERRIDES],
+      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _config():
+  c = synthetic_tiny.get_config()
+  c.train.steps, c.train.checkpoint_every, c.train.seq_len = STEPS, EVERY, 64
+  c.train.warmup_steps = 2
+  return c
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bitwise_equal(tmp_path):
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  p = _launch(straight)
+  _, err = p.communicate(timeout=600)
+  assert p.returncode == 0, err[-3000:]
+
+  p = _launch(killed)
+  marker = os.path.join(killed, "checkpoints", str(KILL_AFTER))
+  deadline = time.time() + 600
+  while not os.path.isdir(marker) and p.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert p.poll() is None, "the run finished before it could be killed"
+  os.kill(p.pid, signal.SIGKILL)
+  p.wait()
+  assert p.returncode == -signal.SIGKILL
+  steps_left = sorted(int(d) for d in os.listdir(os.path.join(killed, "checkpoints")) if d.isdigit())
+  assert STEPS not in steps_left, steps_left
+
+  p = _launch(killed)
+  _, err = p.communicate(timeout=600)
+  assert p.returncode == 0, err[-3000:]
+  assert "restored step" in err
+
+  a, _, _, step_a = loop.load_state(_config(), straight)
+  b, _, _, step_b = loop.load_state(_config(), killed)
+  assert step_a == step_b == STEPS
+  for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
+    np.testing.assert_array_equal(x, y)
