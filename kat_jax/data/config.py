@@ -44,22 +44,27 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.code = ml_collections.ConfigDict(dict(
       root="", extensions=".py", exclude_dirs=",".join(source_code.DEFAULT_EXCLUDE_DIRS),
       max_file_bytes=1_000_000, language_headers=True))
-  # Commits of a local git repository rendered as request (message) -> answer (diff).
+  # Commits of a local git repository rendered as a conversation: user = the commit message (the
+  # request), assistant = the diff (the answer). loss_on: 'all' | 'assistant' (see chat.LossPolicy).
   config.commits = ml_collections.ConfigDict(dict(
-      repo="", revision="HEAD", max_commits=20_000, max_diff_bytes=200_000))
-  # Conversations / trajectories (SFT, RFT teacher trajectories, tool use): JSONL files or globs.
-  config.trajectories = ml_collections.ConfigDict(dict(paths=""))
+      repo="", revision="HEAD", max_commits=20_000, max_diff_bytes=200_000, loss_on="all"))
+  # Conversations / trajectories (tool use, multi-turn, SFT / RFT teacher trajectories): JSONL files
+  # or globs, comma-separated, one chat.Conversation JSON per line.
+  config.trajectories = ml_collections.ConfigDict(dict(paths="", loss_on="all"))
   # Instruction data (e.g. Evol-Instruct output) in the same JSONL conversation format.
-  config.instructions = ml_collections.ConfigDict(dict(paths=""))
-  # Procedural tasks from kat_jax.data.procedural.
+  config.instructions = ml_collections.ConfigDict(dict(paths="", loss_on="all"))
+  # Procedural tasks from kat_jax.data.procedural, rendered as conversations.
   config.procedural = ml_collections.ConfigDict(dict(
-      families="", num_train=20_000, num_eval=500, seed=0))
+      families="", num_train=20_000, num_eval=500, seed=0, loss_on="assistant"))
 
-  # Fill-in-the-middle, applied per code document before packing (Bavarian et al. 2022; aiXcoder).
+  # Fill-in-the-middle, applied per code document before packing (Bavarian et al. 2022; aiXcoder),
+  # by kat_jax.data.fim.apply_fim; the path/language header stays in front, untransformed.
   config.fim = ml_collections.ConfigDict(dict(
-      rate=0.0,            # probability that a code document is FIM-transformed
-      spm_rate=0.5,        # of those, fraction in SPM order (else PSM)
-      mode="structured",   # 'structured' (a complete AST node as the middle) or 'character'
+      rate=0.0,              # probability that a code document is FIM-transformed
+      spm_rate=0.5,          # of those, the fraction in SPM order (else PSM)
+      structured_rate=1.0,   # of those, the fraction that take a complete AST node as the middle
+                             # (else character-level random spans); non-Python falls back to characters
+      max_middle_chars=2048,
   ))
   return config
 

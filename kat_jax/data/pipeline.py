@@ -31,11 +31,14 @@ import grain
 import ml_collections
 import numpy as np
 
+from kat_jax.data import chat
 from kat_jax.data import corpora
 from kat_jax.data import mixture as mixture_lib
 from kat_jax.data import tokenizer as tokenizer_lib
 from kat_jax.data.config import split_list
 from kat_jax.data.corpora import common
+from kat_jax.data.corpora import git_commits
+from kat_jax.data.corpora import jsonl
 from kat_jax.data.corpora import source_code
 
 SPLITS = common.SPLITS
@@ -52,12 +55,21 @@ class Document(NamedTuple):
   ids: np.ndarray
   loss_mask: np.ndarray
   fim: bool = False
+  fim_stats: Optional[dict] = None  # fim.FimStats.to_dict() of the FIM decision, if FIM is on
 
 
 def plain_document(ids: list[int], eos_id: int, fim: bool = False) -> Document:
   """A document whose every token is a training target, with EOS appended."""
   ids_l = np.asarray(list(ids) + [eos_id], dtype=np.int32)
   return Document(ids_l, np.ones(ids_l.shape, np.float32), fim)
+
+
+def masked_document(ids: np.ndarray, loss_mask: np.ndarray, eos_id: int, eos_weight: float,
+                    fim: bool = False, fim_stats: Optional[dict] = None) -> Document:
+  """A rendered document (per-token loss mask) with EOS appended, its target weight ``eos_weight``."""
+  ids_l = np.concatenate([np.asarray(ids, np.int32), np.asarray([eos_id], np.int32)])
+  mask_l = np.concatenate([np.asarray(loss_mask, np.float32), np.asarray([eos_weight], np.float32)])
+  return Document(ids_l, mask_l, fim, fim_stats)
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
@@ -170,28 +182,97 @@ def _code_stream(data_config, tokenizer, *, split, seed, shard_index, shard_coun
 
   def to_document(index, example):
     if fim_transform is not None:
-      document = fim_transform(example, document_rng(seed, "code", index))
-      if document is not None:
-        return document
+      return fim_transform(example, document_rng(seed, "code", index))
     return plain_document(tokenizer.encode(code_example_text(example, headers)), eos_id)
 
   return Stream(dataset.map_with_index(to_document), {"code": common.builder_stats(builder)})
 
 
-def make_fim_transform(data_config, tokenizer) -> Optional[Callable]:
-  """``fn(code_example, rng) -> Document | None`` applying FIM with probability ``fim.rate``.
+def make_fim_transform(data_config, tokenizer) -> Optional[Callable[..., Document]]:
+  """``fn(code_example, rng) -> Document`` applying ``fim.apply_fim`` (with probability
+  ``data.fim.rate``) to the file content; the path/language header stays in front as plain text.
 
   Returns None when FIM is off (``data.fim.rate == 0``).
   """
-  if float(data_config.fim.rate) <= 0.0:
+  fim_config = data_config.fim
+  if float(fim_config.rate) <= 0.0:
     return None
-  raise NotImplementedError(
-      "data.fim.rate > 0 needs kat_jax/data/fim.py, which is not available yet; set "
-      "--config.data.fim.rate=0.")
+  from kat_jax.data import fim   # pylint: disable=g-import-not-at-top
+  headers = bool(data_config.code.language_headers)
+  eos_id = tokenizer.eos_id
+
+  def transform(example, rng) -> Document:
+    path, language = _text(example["path"]), _text(example["language"])
+    pieces, stats = fim.apply_fim(
+        _text(example["content"]), rng, fim_rate=float(fim_config.rate),
+        spm_rate=float(fim_config.spm_rate), structured_rate=float(fim_config.structured_rate),
+        language=language, max_middle_chars=int(fim_config.max_middle_chars) or None)
+    if headers:
+      pieces = [chat.Piece(source_code.header_text(path, language), False, True)] + list(pieces)
+    ids, mask, _ = chat.encode_pieces(pieces, tokenizer)
+    return masked_document(ids, mask, eos_id, 1.0, fim=bool(stats.char or stats.structured),
+                           fim_stats=stats.to_dict())
+
+  return transform
+
+
+def _conversation_document(conversation, tokenizer, loss_on: str) -> Document:
+  rendered = chat.render(conversation, tokenizer, loss_on=loss_on)
+  return masked_document(rendered.tokens, rendered.loss_mask, tokenizer.eos_id,
+                         1.0 if loss_on == "all" else 0.0)
+
+
+def commit_conversation(example: Mapping):
+  """A commit as a PR-like conversation: the message is the request, the diff the answer."""
+  request = f"Repository: {_text(example['repo'])}\n\n{_text(example['message'])}"
+  return chat.Conversation((chat.Message("user", request),
+                            chat.Message("assistant", _text(example["diff"]))),
+                           meta={"sha": _text(example["sha"])})
+
+
+def _commits_stream(data_config, tokenizer, *, split, seed, shard_index, shard_count) -> Stream:
+  commits = data_config.commits
+  if not commits.repo:
+    raise ValueError("mixture.commits > 0 needs data.commits.repo (a local git repository path)")
+  config = git_commits.git_commits_config(
+      commits.repo, revision=commits.revision, max_commits=commits.max_commits,
+      max_diff_bytes=commits.max_diff_bytes, eval_fraction=data_config.eval_fraction)
+  builder = corpora.prepare(git_commits.GitCommits, config, data_config.data_dir)
+  dataset = _sharded_shuffled(builder.as_data_source(split=split), "commits", split, seed,
+                              shard_index, shard_count)
+  loss_on = commits.loss_on
+  dataset = dataset.map(lambda e: _conversation_document(commit_conversation(e), tokenizer, loss_on))
+  return Stream(dataset, {"commits": common.builder_stats(builder)})
+
+
+def _jsonl_stream_factory(name: str) -> Callable[..., Stream]:
+  """A stream of the JSONL conversations listed in ``data.<name>.paths``."""
+
+  def factory(data_config, tokenizer, *, split, seed, shard_index, shard_count) -> Stream:
+    section = data_config[name]
+    patterns = split_list(section.paths)
+    if not patterns:
+      raise ValueError(f"mixture.{name} > 0 needs data.{name}.paths (comma-separated JSONL files "
+                       "or globs)")
+    config = jsonl.jsonl_config(patterns, name_prefix=name, eval_fraction=data_config.eval_fraction)
+    builder = corpora.prepare(jsonl.JsonlConversations, config, data_config.data_dir)
+    dataset = _sharded_shuffled(builder.as_data_source(split=split), name, split, seed,
+                                shard_index, shard_count)
+    loss_on = section.loss_on
+    dataset = dataset.map(lambda e: _conversation_document(
+        chat.Conversation.from_json(_text(e["conversation"])), tokenizer, loss_on))
+    return Stream(dataset, {name: common.builder_stats(builder)})
+
+  return factory
 
 
 StreamFactory = Callable[..., Stream]
-STREAM_FACTORIES: dict[str, StreamFactory] = {"code": _code_stream}
+STREAM_FACTORIES: dict[str, StreamFactory] = {
+    "code": _code_stream,
+    "commits": _commits_stream,
+    "trajectories": _jsonl_stream_factory("trajectories"),
+    "instructions": _jsonl_stream_factory("instructions"),
+}
 
 
 def make_streams(data_config, tokenizer, *, split: str, seed: int, shard_index: int = 0,
@@ -274,6 +355,8 @@ class LMIterator:
       document = self._load(name, index)
       self._mixture.record(name, len(document.ids))
       self._counters[f"documents/{name}"] += 1
+      for key, count in (document.fim_stats or {}).items():
+        self._counters[f"fim/{key}"] = self._counters.get(f"fim/{key}", 0) + int(count)
       self._current = (name, index, 0)
       self._current_document = document
     elif self._current_document is None:  # restored from a state: fetch the document again
@@ -382,6 +465,9 @@ class LMIterator:
     result["data/tokens_seen"] = float(total)
     for n in self._mixture.names:
       result[f"data/documents/{n}"] = float(counters[f"documents/{n}"])
+    for key, count in counters.items():
+      if key.startswith("fim/"):
+        result[f"data/{key}"] = float(count)
     for corpus, stats in self.stats().items():
       for reason, count in stats.get("skipped", {}).items():
         result[f"data/skipped/{corpus}/{reason}"] = float(count)
