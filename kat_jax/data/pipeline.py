@@ -22,6 +22,7 @@ import concurrent.futures
 import os
 import shutil
 import tempfile
+import threading
 import time
 import zlib
 from typing import Callable, Mapping, NamedTuple, Optional
@@ -42,6 +43,7 @@ from kat_jax.data.corpora import jsonl
 from kat_jax.data.corpora import source_code
 
 SPLITS = common.SPLITS
+_FIM_LOCK = threading.Lock()
 _STATE_VERSION = 1
 
 
@@ -157,15 +159,25 @@ def document_rng(seed: int, name: str, index: int) -> np.random.Generator:
   return np.random.default_rng([_stream_seed(seed, name), int(index)])
 
 
-def _sharded_shuffled(source, name: str, split: str, seed: int, shard_index: int,
+class EmptySplitError(ValueError):
+  """A stream has no examples in the requested split (or in this process's shard of it)."""
+
+
+def _sharded_shuffled(builder, name: str, split: str, seed: int, shard_index: int,
                       shard_count: int) -> grain.MapDataset:
+  """The infinite shuffled stream of this shard of ``split`` of a prepared corpus."""
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index={shard_index} is outside [0, shard_count={shard_count})")
+  if not common.has_split(builder, split):
+    raise EmptySplitError(
+        f"stream {name!r}: corpus {builder.builder_config.name} has no {split!r} examples; use a "
+        "larger corpus or another data.eval_fraction, or give the stream weight 0.")
+  source = builder.as_data_source(split=split)
   dataset = grain.MapDataset.source(source)
   if shard_count > 1:
     dataset = dataset[shard_index::shard_count]
   if len(dataset) == 0:
-    raise ValueError(
+    raise EmptySplitError(
         f"stream {name!r}: split {split!r} has no examples for shard {shard_index}/{shard_count} "
         f"({len(source)} examples before sharding); use a larger corpus or a larger eval_fraction, "
         "or give the stream weight 0.")
@@ -174,7 +186,7 @@ def _sharded_shuffled(source, name: str, split: str, seed: int, shard_index: int
 
 def _code_stream(data_config, tokenizer, *, split, seed, shard_index, shard_count) -> Stream:
   builder = code_corpus_builder(data_config)
-  dataset = _sharded_shuffled(builder.as_data_source(split=split), "code", split, seed, shard_index,
+  dataset = _sharded_shuffled(builder, "code", split, seed, shard_index,
                               shard_count)
   headers = bool(data_config.code.language_headers)
   fim_transform = make_fim_transform(data_config, tokenizer)
@@ -203,10 +215,13 @@ def make_fim_transform(data_config, tokenizer) -> Optional[Callable[..., Documen
 
   def transform(example, rng) -> Document:
     path, language = _text(example["path"]), _text(example["language"])
-    pieces, stats = fim.apply_fim(
-        _text(example["content"]), rng, fim_rate=float(fim_config.rate),
-        spm_rate=float(fim_config.spm_rate), structured_rate=float(fim_config.structured_rate),
-        language=language, max_middle_chars=int(fim_config.max_middle_chars) or None)
+    # CPython 3.11's ast.parse is not thread-safe ("SystemError: AST constructor recursion depth
+    # mismatch" under concurrent parses), so FIM decisions run one at a time; tokenization does not.
+    with _FIM_LOCK:
+      pieces, stats = fim.apply_fim(
+          _text(example["content"]), rng, fim_rate=float(fim_config.rate),
+          spm_rate=float(fim_config.spm_rate), structured_rate=float(fim_config.structured_rate),
+          language=language, max_middle_chars=int(fim_config.max_middle_chars) or None)
     if headers:
       pieces = [chat.Piece(source_code.header_text(path, language), False, True)] + list(pieces)
     ids, mask, _ = chat.encode_pieces(pieces, tokenizer)
@@ -238,7 +253,7 @@ def _commits_stream(data_config, tokenizer, *, split, seed, shard_index, shard_c
       commits.repo, revision=commits.revision, max_commits=commits.max_commits,
       max_diff_bytes=commits.max_diff_bytes, eval_fraction=data_config.eval_fraction)
   builder = corpora.prepare(git_commits.GitCommits, config, data_config.data_dir)
-  dataset = _sharded_shuffled(builder.as_data_source(split=split), "commits", split, seed,
+  dataset = _sharded_shuffled(builder, "commits", split, seed,
                               shard_index, shard_count)
   loss_on = commits.loss_on
   dataset = dataset.map(lambda e: _conversation_document(commit_conversation(e), tokenizer, loss_on))
@@ -256,7 +271,7 @@ def _jsonl_stream_factory(name: str) -> Callable[..., Stream]:
                        "or globs)")
     config = jsonl.jsonl_config(patterns, name_prefix=name, eval_fraction=data_config.eval_fraction)
     builder = corpora.prepare(jsonl.JsonlConversations, config, data_config.data_dir)
-    dataset = _sharded_shuffled(builder.as_data_source(split=split), name, split, seed,
+    dataset = _sharded_shuffled(builder, name, split, seed,
                                 shard_index, shard_count)
     loss_on = section.loss_on
     dataset = dataset.map(lambda e: _conversation_document(
@@ -284,8 +299,16 @@ def make_streams(data_config, tokenizer, *, split: str, seed: int, shard_index: 
     if name not in STREAM_FACTORIES:
       raise ValueError(f"mixture stream {name!r} has no builder; known streams: "
                        f"{sorted(STREAM_FACTORIES)}")
-    streams[name] = STREAM_FACTORIES[name](data_config, tokenizer, split=split, seed=seed,
-                                           shard_index=shard_index, shard_count=shard_count)
+    try:
+      streams[name] = STREAM_FACTORIES[name](data_config, tokenizer, split=split, seed=seed,
+                                             shard_index=shard_index, shard_count=shard_count)
+    except EmptySplitError as e:
+      if split == "train":
+        raise
+      # A small corpus may hold nothing out; evaluate on the streams that do.
+      logging.warning("leaving stream %r out of the %r mixture: %s", name, split, e)
+  if not streams:
+    raise EmptySplitError(f"no mixture stream has {split!r} examples; raise data.eval_fraction")
   return streams
 
 
@@ -497,7 +520,8 @@ def make_lm_iterator(data_config: ml_collections.ConfigDict, tokenizer: tokenize
     raise ValueError(f"split={split!r}; use one of {SPLITS}")
   streams = make_streams(data_config, tokenizer, split=split, seed=seed, shard_index=shard_index,
                          shard_count=shard_count)
-  return LMIterator(streams, dict(data_config.mixture), batch_size=batch_size, seq_len=seq_len,
+  weights = {name: w for name, w in dict(data_config.mixture).items() if name in streams}
+  return LMIterator(streams, weights, batch_size=batch_size, seq_len=seq_len,
                     pad_id=tokenizer.pad_id, packing=data_config.packing,
                     prefetch_documents=data_config.prefetch_documents,
                     num_threads=data_config.num_threads)

@@ -206,3 +206,12 @@ def test_jsonl_corpus_reports_bad_lines_with_file_and_line(tmp_path):
 def test_jsonl_missing_file_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="no JSONL file matches"):
     jsonl.jsonl_config([str(tmp_path / "none*.jsonl")])
+
+
+def test_corpus_without_usable_examples_is_a_clear_error(tmp_path):
+  root = tmp_path / "bad"
+  root.mkdir()
+  (root / "a.py").write_bytes(b"\xff\xfe\x00")
+  with pytest.raises(ValueError, match="has no usable examples.*undecodable"):
+    corpora.prepare(source_code.SourceCode, source_code.source_code_config(str(root)),
+                    str(tmp_path / "tfds"))

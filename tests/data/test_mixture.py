@@ -1,4 +1,5 @@
 """Mid-training mixture: token-weighted stream choice, realized proportions, resume, loss masks."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from kat_jax.data import mixture as mixture_lib
 from kat_jax.data import pipeline
 from kat_jax.data import special_tokens
 from kat_jax.data import tokenizer as tokenizer_lib
+from kat_jax.data.corpora import common
 
 
 def test_token_mixture_tracks_weights_within_one_document():
@@ -214,3 +216,26 @@ def test_commit_is_rendered_as_request_and_diff(mixture_setup):
   assert text == ("<|im_start|>user\nRepository: r\n\nFix the bug<|im_end|>\n"
                   "<|im_start|>assistant\n--- a/x\n+++ b/x\n<|im_end|>\n")
   assert special_tokens.IM_START in text
+
+
+def test_stream_missing_from_a_split(mixture_setup, tmp_path):
+  """A stream with no held-out examples is left out of the eval mixture, but is an error in train."""
+  config, tokenizer = mixture_setup
+  config = config.copy_and_resolve_references()
+  task_for = {split: next(f"task{i}" for i in range(1000)
+                          if common.split_of(f"task:task{i}", config.eval_fraction) == split)
+              for split in ("train", "eval")}
+  for split, task in task_for.items():  # every line of the file lands in `split`
+    path = tmp_path / f"{split}_only.jsonl"
+    conversations = [dataclasses.replace(c, meta={"task_id": task})
+                     for c in _conversations("instructions", 5)]
+    path.write_text(chat.conversations_to_jsonl(conversations))
+  config.instructions.paths = str(tmp_path / "train_only.jsonl")
+  held_out = pipeline.make_lm_iterator(config, tokenizer, split="eval", batch_size=1, seq_len=64,
+                                       seed=0)
+  metrics = held_out.metrics()
+  assert "data/token_fraction/instructions" not in metrics
+  assert metrics["data/target_fraction/code"] == pytest.approx(0.4 / 0.9)
+  config.instructions.paths = str(tmp_path / "eval_only.jsonl")
+  with pytest.raises(pipeline.EmptySplitError, match="'instructions'.*no 'train' examples"):
+    pipeline.make_lm_iterator(config, tokenizer, split="train", batch_size=1, seq_len=64, seed=0)

@@ -211,3 +211,61 @@ def test_bad_config_errors_are_clear(data_config, tokenizer):
     pipeline.make_lm_iterator(config, tokenizer, split="train", batch_size=1, seq_len=8, seed=0)
   with pytest.raises(ValueError, match="split='test'"):
     pipeline.make_lm_iterator(data_config, tokenizer, split="test", batch_size=1, seq_len=8, seed=0)
+
+
+def _unfim(text):
+  """The original text of a decoded FIM document (header kept in front), or None if not FIM."""
+  prefix, suffix, middle = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
+  if prefix not in text:
+    return None
+  header, body = text.split(prefix, 1)
+  if body.startswith(suffix):  # SPM: suffix first, then prefix+middle as one text
+    suffix_text, prefix_middle = body[len(suffix):].split(middle, 1)
+    return header + prefix_middle + suffix_text
+  prefix_text, rest = body.split(suffix, 1)
+  suffix_text, middle_text = rest.split(middle, 1)
+  return header + prefix_text + middle_text + suffix_text
+
+
+def test_fim_documents_reassemble_and_resume(data_config, tokenizer):
+  config = data_config.copy_and_resolve_references()
+  config.fim.rate = 0.5
+  config.fim.spm_rate = 0.5
+  config.fim.structured_rate = 0.5
+  make = lambda: pipeline.make_lm_iterator(config, tokenizer, split="train", batch_size=2,
+                                           seq_len=256, seed=5)
+  iterator = make()
+  states, batches = [], []
+  for _ in range(60):
+    states.append(iterator.get_state())
+    batches.append(next(iterator))
+  for batch in batches:  # every FIM piece is a target: the plain-document invariants hold
+    assert_packing_invariants(batch, tokenizer.eos_id, tokenizer.pad_id)
+  texts = set(corpus_documents(config, "train"))
+  sentinels = {tokenizer.token_id(s) for s in ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")}
+  fim_documents = fim_tokens = total_tokens = 0
+  for ids in document_stream(batches, tokenizer.eos_id):
+    text = tokenizer.decode(ids)
+    original = _unfim(text)
+    if original is None:
+      assert text in texts
+    else:
+      assert original in texts and text.startswith("# path: ")
+      assert len(sentinels.intersection(ids.tolist())) == 3
+      fim_documents += 1
+      fim_tokens += len(ids) + 1
+    total_tokens += len(ids) + 1
+  assert fim_documents >= 5
+  metrics = iterator.metrics()
+  fim_counts = {k: v for k, v in metrics.items() if k.startswith("data/fim/")}
+  assert fim_counts["data/fim/documents"] == metrics["data/documents/code"]
+  assert fim_counts["data/fim/char"] + fim_counts["data/fim/structured"] >= fim_documents
+  assert fim_counts["data/fim/structured"] > 0 and fim_counts["data/fim/psm"] > 0
+  assert fim_counts["data/fim/spm"] > 0
+  assert metrics["data/fim_token_fraction"] == pytest.approx(fim_tokens / total_tokens, abs=0.1)
+  resumed = make()
+  resumed.set_state(states[31])
+  for expected in batches[31:40]:
+    got = next(resumed)
+    np.testing.assert_array_equal(got["inputs"], expected["inputs"])
+    np.testing.assert_array_equal(got["weights"], expected["weights"])

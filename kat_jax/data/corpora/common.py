@@ -71,6 +71,23 @@ class BuildReport:
     metadata["problems"] = list(self.problems)
 
 
+def nonempty_splits(generators: dict, report: BuildReport, what: str) -> dict:
+  """The split generators of the splits that have examples (TFDS cannot write an empty split).
+
+  A corpus with no usable example at all is an error that says what was skipped and why.
+  """
+  kept = {split: gen for split, gen in generators.items() if report.kept[split] > 0}
+  if not kept:
+    raise ValueError(f"{what} has no usable examples (skipped: {report.skipped or 'none'}; first "
+                     f"problems: {report.problems[:3]})")
+  return kept
+
+
+def has_split(builder: tfds.core.DatasetBuilder, split: str) -> bool:
+  """Whether a prepared builder has a (non-empty) ``split``."""
+  return split in builder.info.splits
+
+
 def builder_stats(builder: tfds.core.DatasetBuilder) -> dict:
   """``{"kept": {...}, "skipped": {reason: n}, "problems": [...]}`` of a prepared builder."""
   metadata = builder.info.metadata or {}

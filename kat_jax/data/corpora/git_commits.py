@@ -162,7 +162,9 @@ class GitCommits(tfds.core.GeneratorBasedBuilder):
                               "timestamp": commit.timestamp, "message": message, "diff": diff,
                               "repo": repo_name})
     report.write_to(self.info.metadata)
-    return {split: ((e["sha"], e) for e in rows) for split, rows in examples.items()}
+    return common.nonempty_splits(
+        {split: ((e["sha"], e) for e in rows) for split, rows in examples.items()},
+        report, f"git repository {config.repo!r} at {config.head_sha[:12]}")
 
   def _generate_examples(self):  # required by the base class; splits come from _split_generators
     raise NotImplementedError

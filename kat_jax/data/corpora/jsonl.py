@@ -127,7 +127,9 @@ class JsonlConversations(tfds.core.GeneratorBasedBuilder):
           examples[split].append({"conversation": text, "source": where,
                                   "metadata": json.dumps(metadata, ensure_ascii=False)})
     report.write_to(self.info.metadata)
-    return {split: ((e["source"], e) for e in rows) for split, rows in examples.items()}
+    return common.nonempty_splits(
+        {split: ((e["source"], e) for e in rows) for split, rows in examples.items()},
+        report, f"JSONL files {list(config.paths)}")
 
   def _generate_examples(self):  # required by the base class; splits come from _split_generators
     raise NotImplementedError

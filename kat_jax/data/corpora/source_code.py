@@ -150,7 +150,9 @@ class SourceCode(tfds.core.GeneratorBasedBuilder):
       report.keep(split)
       examples[split].append(rel)
     report.write_to(self.info.metadata)
-    return {split: self._generate_split(paths) for split, paths in examples.items()}
+    return common.nonempty_splits(
+        {split: self._generate_split(paths) for split, paths in examples.items()},
+        report, f"source tree {config.root!r} (extensions {list(config.extensions)})")
 
   def _generate_split(self, rel_paths):
     config = self.builder_config
