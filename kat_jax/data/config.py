@@ -51,8 +51,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Conversations / trajectories (tool use, multi-turn, SFT / RFT teacher trajectories): JSONL files
   # or globs, comma-separated, one chat.Conversation JSON per line.
   config.trajectories = ml_collections.ConfigDict(dict(paths="", loss_on="all"))
-  # Instruction data (e.g. Evol-Instruct output) in the same JSONL conversation format.
-  config.instructions = ml_collections.ConfigDict(dict(paths="", loss_on="all"))
+  # Instruction data: JSONL conversations or Evol-Instruct records ({"instruction", "solution"}).
+  # render: 'conversation' (user instruction, assistant solution) or 'code_file' (aiXcoder: the
+  # solution as a code file with the instruction as its docstring, FIM-transformed like code).
+  config.instructions = ml_collections.ConfigDict(dict(paths="", loss_on="all",
+                                                       render="conversation"))
   # Procedural tasks from kat_jax.data.procedural, rendered as conversations.
   config.procedural = ml_collections.ConfigDict(dict(
       families="", num_train=20_000, num_eval=500, seed=0, loss_on="assistant"))

@@ -19,6 +19,7 @@ integers, the document being packed and its offset, and the mixture's token coun
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import shutil
 import tempfile
@@ -260,6 +261,32 @@ def _commits_stream(data_config, tokenizer, *, split, seed, shard_index, shard_c
   return Stream(dataset, {"commits": common.builder_stats(builder)})
 
 
+def _code_file_documents(data_config, tokenizer, name: str, seed: int) -> Callable[..., Document]:
+  """Instruction records as aiXcoder-style code files (``evol_instruct.to_code_file``), FIM'd like
+  code documents when ``data.fim.rate > 0``. Conversations without a solution stay conversations."""
+  from kat_jax.data import evol_instruct  # pylint: disable=g-import-not-at-top
+  fim_transform = make_fim_transform(data_config, tokenizer)
+  loss_on = data_config[name].loss_on
+
+  def to_document(index, example):
+    obj = json.loads(_text(example["conversation"]))
+    if not (isinstance(obj.get("instruction"), str) and isinstance(obj.get("solution"), str)):
+      return _conversation_document(jsonl.conversation_from_record(obj), tokenizer, loss_on)
+    path = f"{name}/{obj.get('id', index)}.py"
+    try:
+      text = evol_instruct.to_code_file(obj["instruction"], obj["solution"], path=path)
+    except ValueError:  # a solution that does not parse: keep it as a conversation
+      return _conversation_document(jsonl.conversation_from_record(obj), tokenizer, loss_on)
+    header = source_code.header_text(path, "python")
+    assert text.startswith(header), text[:200]
+    code_example = {"path": path, "language": "python", "content": text[len(header):]}
+    if fim_transform is not None:
+      return fim_transform(code_example, document_rng(seed, name, index))
+    return plain_document(tokenizer.encode(text), tokenizer.eos_id)
+
+  return to_document
+
+
 def _jsonl_stream_factory(name: str) -> Callable[..., Stream]:
   """A stream of the JSONL conversations listed in ``data.<name>.paths``."""
 
@@ -274,8 +301,14 @@ def _jsonl_stream_factory(name: str) -> Callable[..., Stream]:
     dataset = _sharded_shuffled(builder, name, split, seed,
                                 shard_index, shard_count)
     loss_on = section.loss_on
-    dataset = dataset.map(lambda e: _conversation_document(
-        chat.Conversation.from_json(_text(e["conversation"])), tokenizer, loss_on))
+    render = section.get("render", "conversation")
+    if render == "conversation":
+      dataset = dataset.map(lambda e: _conversation_document(
+          jsonl.conversation_from_record(json.loads(_text(e["conversation"]))), tokenizer, loss_on))
+    elif render == "code_file":
+      dataset = dataset.map_with_index(_code_file_documents(data_config, tokenizer, name, seed))
+    else:
+      raise ValueError(f"data.{name}.render={render!r}; use 'conversation' or 'code_file'")
     return Stream(dataset, {name: common.builder_stats(builder)})
 
   return factory

@@ -239,3 +239,48 @@ def test_stream_missing_from_a_split(mixture_setup, tmp_path):
   config.instructions.paths = str(tmp_path / "eval_only.jsonl")
   with pytest.raises(pipeline.EmptySplitError, match="'instructions'.*no 'train' examples"):
     pipeline.make_lm_iterator(config, tokenizer, split="train", batch_size=1, seq_len=64, seed=0)
+
+
+@pytest.mark.parametrize("render", ["conversation", "code_file"])
+def test_evol_instruct_records_as_instruction_stream(mixture_setup, tmp_path, render):
+  from kat_jax.data import evol_instruct
+  config, tokenizer = mixture_setup
+  config = config.copy_and_resolve_references()
+  records = [evol_instruct.EvolRecord(id=f"r{i}", instruction=f"Return {i} plus x.",
+                                      solution=f"def plus_{i}(x):\n    return x + {i}\n", round=1)
+             for i in range(30)]
+  path = tmp_path / "evol.jsonl"
+  evol_instruct.write_jsonl(records, str(path))
+  config.instructions.paths = str(path)
+  config.instructions.render = render
+  config.fim.rate = 1.0 if render == "code_file" else 0.0
+  config.fim.structured_rate = 1.0
+  for name in config_lib.STREAMS:
+    config.mixture[name] = 1.0 if name == "instructions" else 0.0
+  iterator = pipeline.make_lm_iterator(config, tokenizer, split="train", batch_size=2,
+                                       seq_len=128, seed=0)
+  documents = _documents([next(iterator) for _ in range(20)], tokenizer.eos_id)
+  assert len(documents) >= 10
+  by_id = {r.id: r for r in records}
+  for ids, weights in documents:
+    text = tokenizer.decode(ids[:-1])
+    if render == "conversation":
+      record = next(r for r in records if f"user\n{r.instruction}<|im_end|>" in text)
+      assert text == chat.render_text(chat.Conversation((
+          chat.Message("user", record.instruction), chat.Message("assistant", record.solution))))
+    else:
+      record_id = text.split("\n", 1)[0].removeprefix("# path: instructions/").removesuffix(".py")
+      record = by_id[record_id]
+      expected = evol_instruct.to_code_file(record.instruction, record.solution,
+                                            path=f"instructions/{record.id}.py")
+      header = expected[:expected.index("\n", expected.index("\n") + 1) + 1]
+      assert text.startswith(header + "<|fim_prefix|>")
+      body = text[len(header):]
+      if body.startswith("<|fim_prefix|><|fim_suffix|>"):  # SPM
+        suffix, prefix_middle = body[len("<|fim_prefix|><|fim_suffix|>"):].split("<|fim_middle|>")
+        assert header + prefix_middle + suffix == expected
+      else:
+        prefix, rest = body[len("<|fim_prefix|>"):].split("<|fim_suffix|>")
+        suffix, middle = rest.split("<|fim_middle|>")
+        assert header + prefix + middle + suffix == expected
+  assert iterator.metrics()["data/fim_token_fraction"] == (1.0 if render == "code_file" else 0.0)

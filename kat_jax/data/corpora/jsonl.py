@@ -1,8 +1,9 @@
 """Conversations and agent trajectories from JSONL files as a TFDS corpus (SFT, RFT, teacher data).
 
 One JSON object per line in the ``kat_jax.data.chat.Conversation`` format
-(``{"messages": [...], "tools": [...], "label": {...}, "meta": {...}}``). A line is kept if it
-parses as JSON and ``Conversation.from_dict`` accepts it; the example stores the raw JSON string
+(``{"messages": [...], "tools": [...], "label": {...}, "meta": {...}}``), or an instruction record
+``{"instruction", "solution", ...}`` as ``evol_instruct.write_jsonl`` writes it. A line is kept if it
+parses as JSON and ``conversation_from_record`` accepts it; the example stores the raw JSON string
 (``conversation``) so that rendering (loss masks, FIM-free) happens in the pipeline, plus where it
 came from (``source`` = ``path:line``) and a JSON of its label/meta (``metadata``).
 
@@ -59,6 +60,21 @@ def jsonl_config(patterns: Sequence[str], *, name_prefix: str = "jsonl",
   return JsonlConfig(name="".join(c if c.isalnum() or c == "_" else "_" for c in name), **fields)
 
 
+def conversation_from_record(obj: dict) -> chat.Conversation:
+  """A JSONL record as a Conversation: either ``chat.Conversation`` JSON (with ``messages``) or an
+  instruction record ``{"instruction", "solution", ...}`` (``evol_instruct.EvolRecord``), which
+  becomes a user instruction and the assistant's solution."""
+  if "messages" in obj:
+    return chat.Conversation.from_dict(obj)
+  if isinstance(obj.get("instruction"), str) and isinstance(obj.get("solution"), str):
+    if not obj["instruction"].strip() or not obj["solution"].strip():
+      raise ValueError("instruction record with an empty instruction or solution")
+    meta = {k: obj[k] for k in ("id", "round", "operation", "parent_id") if obj.get(k) is not None}
+    return chat.Conversation((chat.Message("user", obj["instruction"]),
+                              chat.Message("assistant", obj["solution"])), meta=meta)
+  raise ValueError("expected 'messages' (a conversation) or 'instruction' and 'solution' strings")
+
+
 def _split_key(obj: dict, line: bytes) -> str:
   meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
   task_id = meta.get("task_id", obj.get("task_id"))
@@ -112,7 +128,7 @@ class JsonlConversations(tfds.core.GeneratorBasedBuilder):
                         f"expected a JSON object with 'messages', got {type(obj).__name__}")
             continue
           try:
-            chat.Conversation.from_dict(obj)
+            conversation_from_record(obj)
           except (KeyError, TypeError, ValueError, AttributeError) as e:
             report.skip("not_a_conversation", where, f"{type(e).__name__}: {e}")
             continue
