@@ -72,7 +72,7 @@ def measure_loader_tokens_per_s(data_config, *, batch_size: int = 8, seq_len: in
   try:
     result = _time_batches(iterator, num_batches)
     result["metrics"] = {k: round(v, 4) for k, v in iterator.metrics().items()
-                         if "fraction" in k or k.startswith("data/fim/")}
+                         if "fraction" in k or k.startswith("fim/")}
   finally:
     iterator.close()
   return result

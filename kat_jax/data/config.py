@@ -57,8 +57,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.instructions = ml_collections.ConfigDict(dict(paths="", loss_on="all",
                                                        render="conversation"))
   # Procedural tasks from kat_jax.data.procedural, rendered as conversations.
+  # families '' = all; levels: comma-separated difficulty levels.
   config.procedural = ml_collections.ConfigDict(dict(
-      families="", num_train=20_000, num_eval=500, seed=0, loss_on="assistant"))
+      families="", levels="0", num_train=20_000, num_eval=500, seed=0, heldout_fraction=0.1,
+      loss_on="assistant"))
 
   # Fill-in-the-middle, applied per code document before packing (Bavarian et al. 2022; aiXcoder),
   # by kat_jax.data.fim.apply_fim; the path/language header stays in front, untransformed.

@@ -314,12 +314,30 @@ def _jsonl_stream_factory(name: str) -> Callable[..., Stream]:
   return factory
 
 
+def _procedural_stream(data_config, tokenizer, *, split, seed, shard_index, shard_count) -> Stream:
+  from kat_jax.data.corpora import procedural  # pylint: disable=g-import-not-at-top
+  from kat_jax.data.procedural import generate  # pylint: disable=g-import-not-at-top
+  from kat_jax.data.procedural import task as task_lib  # pylint: disable=g-import-not-at-top
+  section = data_config.procedural
+  config = procedural.procedural_config(
+      families=split_list(section.families), levels=[int(v) for v in split_list(section.levels)],
+      num_train=section.num_train, num_eval=section.num_eval, seed=section.seed,
+      heldout_fraction=section.heldout_fraction)
+  builder = corpora.prepare(procedural.ProceduralTasks, config, data_config.data_dir)
+  dataset = _sharded_shuffled(builder, "procedural", split, seed, shard_index, shard_count)
+  loss_on = section.loss_on
+  dataset = dataset.map(lambda e: _conversation_document(
+      generate.task_to_conversation(task_lib.Task.from_json(_text(e["task"]))), tokenizer, loss_on))
+  return Stream(dataset, {"procedural": common.builder_stats(builder)})
+
+
 StreamFactory = Callable[..., Stream]
 STREAM_FACTORIES: dict[str, StreamFactory] = {
     "code": _code_stream,
     "commits": _commits_stream,
     "trajectories": _jsonl_stream_factory("trajectories"),
     "instructions": _jsonl_stream_factory("instructions"),
+    "procedural": _procedural_stream,
 }
 
 
@@ -508,25 +526,28 @@ class LMIterator:
     return merged
 
   def metrics(self) -> dict[str, float]:
-    """Realized mixture since the start of training: per-stream token fractions and more."""
+    """Realized mixture since the start of training (keys without a ``data/`` prefix; the trainer
+    adds it): ``token_fraction/<stream>``, ``target_fraction/<stream>``, ``padding_fraction``,
+    ``loss_token_fraction``, ``fim_token_fraction``, ``fim/<FimStats field>``, ``documents/<stream>``,
+    ``tokens_seen``, ``skipped/<corpus>/<reason>``."""
     counters = self._counters
     placed = sum(counters[f"tokens/{n}"] for n in self._mixture.names)
     total = placed + counters["padding"]
-    result = {f"data/token_fraction/{n}": counters[f"tokens/{n}"] / max(placed, 1)
+    result = {f"token_fraction/{n}": counters[f"tokens/{n}"] / max(placed, 1)
               for n in self._mixture.names}
-    result.update({f"data/target_fraction/{n}": w for n, w in self._mixture.weights.items()})
-    result["data/padding_fraction"] = counters["padding"] / max(total, 1)
-    result["data/loss_token_fraction"] = counters["loss_tokens"] / max(total, 1)
-    result["data/fim_token_fraction"] = counters["fim_tokens"] / max(placed, 1)
-    result["data/tokens_seen"] = float(total)
+    result.update({f"target_fraction/{n}": w for n, w in self._mixture.weights.items()})
+    result["padding_fraction"] = counters["padding"] / max(total, 1)
+    result["loss_token_fraction"] = counters["loss_tokens"] / max(total, 1)
+    result["fim_token_fraction"] = counters["fim_tokens"] / max(placed, 1)
+    result["tokens_seen"] = float(total)
     for n in self._mixture.names:
-      result[f"data/documents/{n}"] = float(counters[f"documents/{n}"])
+      result[f"documents/{n}"] = float(counters[f"documents/{n}"])
     for key, count in counters.items():
       if key.startswith("fim/"):
-        result[f"data/{key}"] = float(count)
+        result[key] = float(count)
     for corpus, stats in self.stats().items():
       for reason, count in stats.get("skipped", {}).items():
-        result[f"data/skipped/{corpus}/{reason}"] = float(count)
+        result[f"skipped/{corpus}/{reason}"] = float(count)
     return result
 
   def close(self) -> None:

@@ -163,10 +163,10 @@ def test_mixture_proportions_loss_masks_and_metrics(mixture_setup):
   for name, count in counted.items():
     assert count / total == pytest.approx(config.mixture[name], abs=0.03), name
     # The iterator's own accounting agrees with the decoded stream (up to the partial documents).
-    assert metrics[f"data/token_fraction/{name}"] == pytest.approx(count / total, abs=0.01)
-  assert sum(metrics[f"data/token_fraction/{n}"] for n in counted) == pytest.approx(1.0)
-  assert metrics["data/padding_fraction"] == 0.0
-  assert metrics["data/loss_token_fraction"] == pytest.approx(
+    assert metrics[f"token_fraction/{name}"] == pytest.approx(count / total, abs=0.01)
+  assert sum(metrics[f"token_fraction/{n}"] for n in counted) == pytest.approx(1.0)
+  assert metrics["padding_fraction"] == 0.0
+  assert metrics["loss_token_fraction"] == pytest.approx(
       sum(float(b["weights"].astype(bool).sum()) for b in batches) / (150 * 4 * 128))
 
 
@@ -234,8 +234,8 @@ def test_stream_missing_from_a_split(mixture_setup, tmp_path):
   held_out = pipeline.make_lm_iterator(config, tokenizer, split="eval", batch_size=1, seq_len=64,
                                        seed=0)
   metrics = held_out.metrics()
-  assert "data/token_fraction/instructions" not in metrics
-  assert metrics["data/target_fraction/code"] == pytest.approx(0.4 / 0.9)
+  assert "token_fraction/instructions" not in metrics
+  assert metrics["target_fraction/code"] == pytest.approx(0.4 / 0.9)
   config.instructions.paths = str(tmp_path / "eval_only.jsonl")
   with pytest.raises(pipeline.EmptySplitError, match="'instructions'.*no 'train' examples"):
     pipeline.make_lm_iterator(config, tokenizer, split="train", batch_size=1, seq_len=64, seed=0)
@@ -283,4 +283,4 @@ def test_evol_instruct_records_as_instruction_stream(mixture_setup, tmp_path, re
         prefix, rest = body[len("<|fim_prefix|>"):].split("<|fim_suffix|>")
         suffix, middle = rest.split("<|fim_middle|>")
         assert header + prefix + middle + suffix == expected
-  assert iterator.metrics()["data/fim_token_fraction"] == (1.0 if render == "code_file" else 0.0)
+  assert iterator.metrics()["fim_token_fraction"] == (1.0 if render == "code_file" else 0.0)

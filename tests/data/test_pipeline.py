@@ -115,13 +115,13 @@ def test_packing_invariants_and_documents_intact(data_config, tokenizer, packing
   assert set(decoded[:len(texts)]) == texts  # first epoch: each file exactly once
   assert decoded[:len(texts)] != decoded[len(texts):2 * len(texts)]  # reshuffled next epoch
   metrics = iterator.metrics()
-  assert metrics["data/token_fraction/code"] == 1.0
+  assert metrics["token_fraction/code"] == 1.0
   if packing == "split":
-    assert metrics["data/padding_fraction"] == 0.0
+    assert metrics["padding_fraction"] == 0.0
   else:
     padding = sum(int((b["segment_ids"] == 0).sum()) for b in batches) / (80 * 3 * 256)
     assert padding > 0
-    assert metrics["data/padding_fraction"] == pytest.approx(padding)
+    assert metrics["padding_fraction"] == pytest.approx(padding)
 
 
 @pytest.mark.parametrize("packing", ["split", "pad"])
@@ -257,12 +257,12 @@ def test_fim_documents_reassemble_and_resume(data_config, tokenizer):
     total_tokens += len(ids) + 1
   assert fim_documents >= 5
   metrics = iterator.metrics()
-  fim_counts = {k: v for k, v in metrics.items() if k.startswith("data/fim/")}
-  assert fim_counts["data/fim/documents"] == metrics["data/documents/code"]
-  assert fim_counts["data/fim/char"] + fim_counts["data/fim/structured"] >= fim_documents
-  assert fim_counts["data/fim/structured"] > 0 and fim_counts["data/fim/psm"] > 0
-  assert fim_counts["data/fim/spm"] > 0
-  assert metrics["data/fim_token_fraction"] == pytest.approx(fim_tokens / total_tokens, abs=0.1)
+  fim_counts = {k: v for k, v in metrics.items() if k.startswith("fim/")}
+  assert fim_counts["fim/documents"] == metrics["documents/code"]
+  assert fim_counts["fim/char"] + fim_counts["fim/structured"] >= fim_documents
+  assert fim_counts["fim/structured"] > 0 and fim_counts["fim/psm"] > 0
+  assert fim_counts["fim/spm"] > 0
+  assert metrics["fim_token_fraction"] == pytest.approx(fim_tokens / total_tokens, abs=0.1)
   resumed = make()
   resumed.set_state(states[31])
   for expected in batches[31:40]:
