@@ -114,7 +114,11 @@ class SentencePieceTokenizer:
   def train(cls, texts: Iterable[str], *, vocab_size: int = 2048, lines_per_sentence: int = 4,
             max_sentences: int = 100_000, seed: int = 0, num_threads: int = 2,
             max_piece_length: int = 16) -> "SentencePieceTokenizer":
-    """Trains a BPE model on (a sample of) ``texts``; ~1 s per 30k sentences on one core."""
+    """Trains a BPE model on (a sample of) ``texts``; ~1 s per 30k sentences on one core.
+
+    Deterministic for fixed arguments; the result depends on ``num_threads`` too, so it is a fixed
+    argument (not the machine's core count) and every host of a job trains the same model.
+    """
     sentences = training_sentences(texts, lines_per_sentence=lines_per_sentence,
                                    max_sentences=max_sentences, seed=seed)
     if not sentences:
