@@ -48,6 +48,7 @@ Usage::
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
@@ -182,9 +183,32 @@ def path_reduce(values_m, parent_m, op):
 
 
 def _subtree_sum(x_m, subtree_end_m, first_m):
-  """Sum of x over the pre-order node range [first, subtree_end) of each node."""
-  c = jnp.concatenate([jnp.zeros((1,), x_m.dtype), jnp.cumsum(x_m)])
-  return c[subtree_end_m] - c[first_m]
+  """Sum of x over the pre-order node range [first, subtree_end) of each node.
+
+  Integers: prefix-sum differences (exact). Floats: a segment-tree decomposition of each range into
+  O(log M) aligned blocks whose sums are added — no cancellation between large prefix sums, so a
+  small subtree behind a large one keeps its relative precision.
+  """
+  if jnp.issubdtype(x_m.dtype, jnp.integer):
+    c = jnp.concatenate([jnp.zeros((1,), x_m.dtype), jnp.cumsum(x_m)])
+    return c[subtree_end_m] - c[first_m]
+  m = x_m.shape[0]
+  size = 1 << max(0, (m - 1).bit_length())
+  level = jnp.zeros((size,), x_m.dtype).at[:m].set(x_m)
+  total = jnp.zeros(first_m.shape, x_m.dtype)
+  lo, hi = first_m, subtree_end_m
+  while True:
+    n = level.shape[0]
+    take_lo = (lo < hi) & (lo % 2 == 1)
+    total = total + jnp.where(take_lo, level[jnp.clip(lo, 0, n - 1)], 0)
+    lo = lo + take_lo
+    take_hi = (lo < hi) & (hi % 2 == 1)
+    hi = hi - take_hi
+    total = total + jnp.where(take_hi, level[jnp.clip(hi, 0, n - 1)], 0)
+    if n == 1:
+      return total
+    level = level.reshape(-1, 2).sum(axis=1)
+    lo, hi = lo // 2, hi // 2
 
 
 def _subtree_max(x_m, subtree_end_m):
@@ -361,9 +385,14 @@ def entropy_node_scores(batch, entropies_bt, config, logprobs_bt=None) -> jax.Ar
                              jnp.asarray(logprobs_bt, jnp.float32), _static(s))
 
 
+@jax.jit
+def _longest_path_scores_jit(tree):
+  return jax.vmap(_longest_path_scores_one)(tree)
+
+
 def longest_path_node_scores(batch) -> jax.Array:
   """[B, M] log of the longest root-to-leaf path (tokens) through each node."""
-  return jax.vmap(_longest_path_scores_one)(_tree_arrays(batch))
+  return _longest_path_scores_jit(_tree_arrays(batch))
 
 
 def random_node_scores(batch, rng) -> jax.Array:
@@ -372,18 +401,22 @@ def random_node_scores(batch, rng) -> jax.Array:
   return jax.random.uniform(rng, shape)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _mandatory_jit(tree, s):
+  return jax.vmap(lambda t: _mandatory_one(t, s))(tree)
+
+
 def mandatory_node_tokens(batch, config) -> jax.Array:
   """[B, M] tokens of each node in the mandatory part (events, windows, their ancestors)."""
-  s = settings_from_config(config)
-  return jax.vmap(lambda t: _mandatory_one(t, s))(_tree_arrays(batch))
+  return _mandatory_jit(_tree_arrays(batch), _static(settings_from_config(config)))
 
 
+@functools.partial(jax.jit, static_argnums=5)
 def select_nodes(node_parent_bm, node_size_bm, scores_bm, mandatory_bm, budget_b,
                  truncate_last_node: bool = True) -> jax.Array:
   """[B, M] kept prefix per node: the vectorized best-first expansion (see module docstring)."""
   fn = lambda p, z, sc, md, bu: select_one(p, z, sc, md, bu, truncate_last_node)
-  return jax.vmap(fn)(jnp.asarray(node_parent_bm), jnp.asarray(node_size_bm),
-                      jnp.asarray(scores_bm), jnp.asarray(mandatory_bm), jnp.asarray(budget_b))
+  return jax.vmap(fn)(node_parent_bm, node_size_bm, scores_bm, mandatory_bm, budget_b)
 
 
 def _entropy_scores_impl(tree, entropies_bt, logprobs_bt, s):

@@ -21,11 +21,11 @@ def test_batch_padding_and_alignment(sets, extra, seed):
   t_max = max(t.n_tree for t in trees) + extra
   batch = batch_trees(trees, max_tokens=t_max, max_nodes=max(t.num_nodes for t in trees) + 1,
                       max_traj=6, max_len=20)
-  vis = np.asarray(visible(jnp.asarray(batch.tin), jnp.asarray(batch.tin), jnp.asarray(batch.tout)))
   for i, tree in enumerate(trees):
+    vis = interval_mask(batch.tin[i], batch.tout[i])[None]
     n = tree.n_tree
-    np.testing.assert_array_equal(vis[i, :n, :n], interval_mask(tree.tin, tree.tout))
-    assert not vis[i, n:, :].any() and not vis[i, :, n:].any()   # padding sees nothing, seen by none
+    np.testing.assert_array_equal(vis[0, :n, :n], interval_mask(tree.tin, tree.tout))
+    assert not vis[0, n:, :].any() and not vis[0, :, n:].any()   # padding sees nothing, seen by none
     np.testing.assert_array_equal(batch.token_valid[i], np.arange(t_max) < n)
     k = tree.num_traj
     assert batch.traj_valid[i].sum() == k
@@ -65,6 +65,18 @@ def test_concat_trees_is_a_forest_of_disjoint_blocks(sets):
     a = forest.node_start[n]
     for kk in forest.node_trajectories(n):
       assert a in forest.row_map[kk]
+
+
+def test_model_visibility_on_a_padded_forest():
+  """The model's own mask function on a padded batch: the tree's ancestor mask, nothing for padding."""
+  trees = [build_tree([[1, 2, 3], [1, 2, 4], [5]]), build_tree([[7, 8]])]
+  batch = batch_trees(trees, max_tokens=8)
+  vis = np.asarray(visible(jnp.asarray(batch.tin), jnp.asarray(batch.tin), jnp.asarray(batch.tout)))
+  want = np.zeros((2, 8, 8), bool)
+  want[0, :5, :5] = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 1, 0],
+                     [0, 0, 0, 0, 1]]
+  want[1, :2, :2] = [[1, 0], [1, 1]]
+  np.testing.assert_array_equal(vis, want)
 
 
 def test_too_large_errors_name_sizes():
