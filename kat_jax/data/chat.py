@@ -65,13 +65,16 @@ class EventTag(enum.IntEnum):
 class Message:
   """One turn. ``tool_calls`` only on assistant messages; ``name`` / ``is_error`` only on tool
   messages (the tool that answered, and whether the result is an error); ``memory`` on any
-  non-tool message (a context-compression event rendered before the content)."""
+  non-tool message (a context-compression event rendered before the content). ``train``
+  overrides the loss policy for this message (e.g. False for a failed first attempt in
+  self-debugging data, so the model is not trained to write the bug); None follows the policy."""
   role: str
   content: str = ""
   tool_calls: tuple[ToolCall, ...] = ()
   name: Optional[str] = None
   is_error: bool = False
   memory: Optional[str] = None
+  train: Optional[bool] = None
 
   def __post_init__(self):
     if self.role not in ROLES:
@@ -99,6 +102,8 @@ class Message:
       d["is_error"] = True
     if self.memory is not None:
       d["memory"] = self.memory
+    if self.train is not None:
+      d["train"] = self.train
     return d
 
   @classmethod
@@ -110,7 +115,7 @@ class Message:
       args = c.get("arguments", {})
       calls.append(ToolCall(c["name"], json.loads(args) if isinstance(args, str) else dict(args)))
     return cls(d["role"], d.get("content") or "", tuple(calls), d.get("name"),
-               bool(d.get("is_error", False)), d.get("memory"))
+               bool(d.get("is_error", False)), d.get("memory"), d.get("train"))
 
 
 def tool_result(content: str, *, name: Optional[str] = None, is_error: bool = False) -> Message:
@@ -209,6 +214,12 @@ def _policy(loss_on: Union[str, LossPolicy]) -> LossPolicy:
   return LOSS_POLICIES[loss_on]
 
 
+def _trained(message: Optional[Message], role: str, policy: LossPolicy) -> bool:
+  if message is not None and message.train is not None:
+    return message.train
+  return role in policy.roles
+
+
 def _split_tool_tags(text: str, trained: bool) -> list[Piece]:
   """Template text (the tools block) with its tag strings as special pieces, like a HF tokenizer."""
   pieces: list[Piece] = []
@@ -269,7 +280,7 @@ def render_pieces(conversation: Conversation, *, loss_on: Union[str, LossPolicy]
   start = 0
   if conversation.tools or (msgs and msgs[0].role == "system"):
     system = msgs[0] if msgs and msgs[0].role == "system" else None
-    trained = "system" in policy.roles
+    trained = _trained(system, "system", policy)
     header("system\n", trained and policy.structure)
     if system is not None:
       pieces.extend(_body_pieces(system, trained))
@@ -282,11 +293,12 @@ def render_pieces(conversation: Conversation, *, loss_on: Union[str, LossPolicy]
   i = start
   while i < len(msgs):
     m = msgs[i]
-    trained = m.role in policy.roles
+    trained = _trained(m, m.role, policy)
     if m.role == "tool":
       header("user", trained and policy.structure)
       while i < len(msgs) and msgs[i].role == "tool":
         result = msgs[i]
+        trained = _trained(result, "tool", policy)
         text = ("Error: " if result.is_error else "") + result.content
         pieces += [Piece("\n", False, trained),
                    Piece(st.TOOL_RESPONSE_OPEN, True, trained, EventTag.TOOL_RESULT),

@@ -231,3 +231,12 @@ def test_balanced_sampling_weights_equalize_cells():
   w = taxonomy.balanced_sampling_weights(labels, cell_weights=cw)
   assert np.isclose(w[:200][cells == 0].sum(), 0.75) and w[:200][cells == 9].sum() == 0
   assert taxonomy.cell_counts(labels).sum() == 200
+
+
+def test_message_train_flag_overrides_the_policy():
+  conv = Conversation((Message("user", "task"), Message("assistant", "wrong", train=False),
+                       Message("user", "tests fail"), Message("assistant", "right"),
+                       Message("user", "remember this", train=True)))
+  ex = chat.render(conv, TOK)
+  assert TOK.decode(ex.tokens[ex.loss_mask]) == "right<|im_end|>remember this<|im_end|>"
+  assert Conversation.from_json(conv.to_json()) == conv
