@@ -215,3 +215,23 @@ def test_corpus_without_usable_examples_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="has no usable examples.*undecodable"):
     corpora.prepare(source_code.SourceCode, source_code.source_code_config(str(root)),
                     str(tmp_path / "tfds"))
+
+
+# ------------------------------------------------------------------------------------ procedural
+
+
+def test_procedural_corpus(tmp_path):
+  from kat_jax.data import procedural as procedural_tasks
+  from kat_jax.data.corpora import procedural
+  config = procedural.procedural_config(num_train=60, num_eval=15, levels=(0, 1), seed=3)
+  builder = corpora.prepare(procedural.ProceduralTasks, config, str(tmp_path / "tfds"))
+  tasks = {split: [procedural_tasks.Task.from_json(e["task"].decode()) for e in _all(builder, split)]
+           for split in common.SPLITS}
+  assert len(tasks["train"]) == 60 and len(tasks["eval"]) == 15
+  expected = {split: procedural_tasks.generate_tasks(3, n, split=generator_split, levels=(0, 1))
+              for split, n, generator_split in (("train", 60, "train"), ("eval", 15, "heldout"))}
+  for split in common.SPLITS:
+    assert sorted(t.to_json() for t in tasks[split]) == sorted(t.to_json() for t in expected[split])
+  pairs = {split: {(t.template, json.dumps(t.params)) for t in tasks[split]} for split in tasks}
+  assert not pairs["train"] & pairs["eval"]
+  assert common.builder_stats(builder)["kept"] == {"train": 60, "eval": 15}

@@ -284,3 +284,25 @@ def test_evol_instruct_records_as_instruction_stream(mixture_setup, tmp_path, re
         suffix, middle = rest.split("<|fim_middle|>")
         assert header + prefix + middle + suffix == expected
   assert iterator.metrics()["fim_token_fraction"] == (1.0 if render == "code_file" else 0.0)
+
+
+def test_procedural_stream_renders_tasks_with_assistant_loss(mixture_setup):
+  from kat_jax.data import procedural as procedural_tasks
+  config, tokenizer = mixture_setup
+  config = config.copy_and_resolve_references()
+  for name in config_lib.STREAMS:
+    config.mixture[name] = 1.0 if name == "procedural" else 0.0
+  config.procedural.num_train, config.procedural.num_eval = 40, 10
+  iterator = pipeline.make_lm_iterator(config, tokenizer, split="train", batch_size=2,
+                                       seq_len=128, seed=0)
+  documents = _documents([next(iterator) for _ in range(10)], tokenizer.eos_id)
+  tasks = procedural_tasks.generate_tasks(config.procedural.seed, 40, split="train")
+  conversations = {chat.render_text(procedural_tasks.task_to_conversation(t)):
+                   procedural_tasks.task_to_conversation(t) for t in tasks}
+  assert len(documents) >= 5
+  for ids, weights in documents:
+    conversation = conversations[tokenizer.decode(ids[:-1])]
+    rendered = chat.render(conversation, tokenizer, loss_on="assistant")
+    np.testing.assert_array_equal(
+        weights, np.concatenate([rendered.loss_mask[1:], [0, 0]]).astype(np.float32))
+    assert 0 < weights.sum() < len(weights) - 1  # the spec is context, the solution the target
