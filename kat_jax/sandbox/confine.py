@@ -44,6 +44,7 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 
 # Host directories every program may read (system libraries and /etc); the Python installation
@@ -134,6 +135,11 @@ def confine_program(*, root, mount_proc: bool, uid, limits: dict, workdir: str) 
   _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
   _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
   return granted
+
+
+def set_child_subreaper() -> None:
+  """Makes orphaned descendants of the calling process its children (not init's)."""
+  _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def _set_rlimits(limits: dict) -> None:

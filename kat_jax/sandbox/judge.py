@@ -261,9 +261,26 @@ def _confine_judge(spec: dict) -> tuple[dict, dict]:
     workdir = tempfile.mkdtemp(prefix="kat_sandbox_")
     if uid is not None:
       os.chown(workdir, uid, uid)
+      stdlib = os.path.dirname(os.__file__)
+      if not _traversable_by_others(stdlib):
+        report["notes"].append(f"the standard library ({stdlib}) is not readable by other users: "
+                               "modules the program imports that were not preloaded will fail")
     layout["workdir"] = layout["host_tmpdir"] = workdir
   layout["uid"] = report["uid"] = uid
   return report, layout
+
+
+def _traversable_by_others(path: str) -> bool:
+  while True:
+    try:
+      if not os.stat(path).st_mode & 0o001:
+        return False
+    except OSError:
+      return False
+    parent = os.path.dirname(path)
+    if parent == path:
+      return True
+    path = parent
 
 
 def _start_program(spec: dict, layout: dict) -> tuple[int, int, int]:
@@ -440,8 +457,11 @@ def _wait_exit(pid: int, patience_s: float) -> bool:
 def _death_cause(wait_status: int, usage, limits: dict) -> str:
   if os.WIFSIGNALED(wait_status):
     signum = os.WTERMSIG(wait_status)
+    # RLIMIT_CPU is enforced on the kernel's precise runtime; rusage is sampled and can read a
+    # few percent lower, hence the margin (other SIGKILLs come from the judge or the host, whose
+    # kills are reported as theirs).
     if signum in (signal.SIGKILL, signal.SIGXCPU) and (
-        usage.ru_utime + usage.ru_stime >= limits["cpu_time_s"] - 0.05):
+        usage.ru_utime + usage.ru_stime >= 0.85 * limits["cpu_time_s"]):
       return "cpu_time"
     return f"signal {signal.Signals(signum).name}"
   return f"exit {os.WEXITSTATUS(wait_status)}"

@@ -285,11 +285,14 @@ def _kill(pid: int, pidfd: Optional[int]) -> None:
     pass
 
 
-def _kill_uid(uid: int) -> None:
-  """SIGKILLs every process whose real or effective uid is the job's private uid."""
+def _kill_uid(uid: int, patience_s: float = 2.0) -> None:
+  """SIGKILLs every process whose real or effective uid is the job's private uid, and waits
+  (up to ``patience_s``) until none is left."""
   if os.geteuid() != 0:
     return
-  for _ in range(3):
+  deadline = time.perf_counter() + patience_s
+  key = str(uid).encode()
+  while True:
     found = False
     for entry in os.scandir("/proc"):
       if not entry.name.isdigit():
@@ -298,15 +301,15 @@ def _kill_uid(uid: int) -> None:
         with open(f"/proc/{entry.name}/status", "rb") as status:
           for line in status:
             if line.startswith(b"Uid:"):
-              if str(uid).encode() in line.split()[1:3]:
-                os.kill(int(entry.name), signal.SIGKILL)
+              if key in line.split()[1:3]:
                 found = True
+                os.kill(int(entry.name), signal.SIGKILL)
               break
       except (OSError, ValueError):
         continue
-    if not found:
+    if not found or time.perf_counter() > deadline:
       return
-    time.sleep(0.01)
+    time.sleep(0.005)
 
 
 class _JobIO:

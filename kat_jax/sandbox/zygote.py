@@ -9,8 +9,8 @@ against ~20 ms for starting Python and importing json/ctypes per job.
 
 Protocol on the control socket: host sends one byte ``b"S"`` with the five descriptors; the zygote
 replies with a signed 8-byte pid (or ``-errno`` if fork failed). EOF on the socket ends the zygote.
-Children are reaped automatically (SIGCHLD ignored); the host watches a judge through its events
-pipe and a pidfd.
+The zygote is a child subreaper and ignores SIGCHLD, so judges and any orphaned program process
+are reaped automatically; the host watches a judge through its events pipe and a pidfd.
 """
 import fcntl
 import gc
@@ -21,6 +21,7 @@ import struct
 import sys
 import traceback
 
+from kat_jax.sandbox import confine
 from kat_jax.sandbox import judge
 
 # Standard modules that generated code commonly imports: loading them once here makes them free
@@ -41,7 +42,10 @@ def main(control_fd: int) -> None:
   gc.collect()
   gc.freeze()
   control = socket.socket(fileno=control_fd)
-  signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # auto-reap judges
+  # Orphans (a program process whose judge was killed) are re-parented here rather than to the
+  # machine's init, and reaped at once like the judges: SIGCHLD is ignored.
+  confine.set_child_subreaper()
+  signal.signal(signal.SIGCHLD, signal.SIG_IGN)
   signal.signal(signal.SIGINT, signal.SIG_IGN)   # the host's Ctrl-C is the host's business
   while True:
     try:
