@@ -14,7 +14,9 @@ kept/skipped counts and problem reports.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 import tensorflow_datasets as tfds
 
@@ -34,5 +36,7 @@ def prepare(builder_cls, config: tfds.core.BuilderConfig, data_dir: str = ""
   tfds.display_progress_bar(False)
   builder = builder_cls(config=config, data_dir=resolve_data_dir(data_dir),
                         file_format="array_record")
-  builder.download_and_prepare()
+  # TFDS prints its progress lines to stdout; keep stdout for the caller (benchmarks print JSON).
+  with contextlib.redirect_stdout(sys.stderr):
+    builder.download_and_prepare()
   return builder
