@@ -316,7 +316,7 @@ def render_pieces(conversation: Conversation, *, loss_on: Union[str, LossPolicy]
   return [p for p in pieces if p.text]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays: compare fields with np.array_equal
 class RenderedExample:
   """tokens int32 [T]; loss_mask bool [T] (token t is a target); event_tags int8 [T] (EventTag);
   labels: the conversation's TaskLabel or None (``label_ids`` gives ints for batching)."""

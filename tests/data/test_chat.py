@@ -240,3 +240,20 @@ def test_message_train_flag_overrides_the_policy():
   ex = chat.render(conv, TOK)
   assert TOK.decode(ex.tokens[ex.loss_mask]) == "right<|im_end|>remember this<|im_end|>"
   assert Conversation.from_json(conv.to_json()) == conv
+
+
+def test_masks_are_exact_with_the_sentencepiece_tokenizer():
+  from kat_jax.data.tokenizer import SentencePieceTokenizer
+  conv = agent_conversation()
+  tok = SentencePieceTokenizer.train([chat.render_text(conv) * 3, "def add(a, b):\n    return a + b\n" * 20],
+                                     vocab_size=400)
+  ex = chat.render(conv, tok)
+  assert tok.decode(ex.tokens.tolist()) == chat.render_text(conv)
+  runs = true_runs(ex.loss_mask)
+  assistants = [m for m in conv.messages if m.role == "assistant"]
+  assert [tok.decode(ex.tokens[a:b].tolist()) for a, b in runs] == [
+      chat.render_assistant_body(m) + st.IM_END for m in assistants]
+  for k, m in enumerate(conv.messages):
+    if m.role == "assistant":
+      prompt = chat.render_prompt(conv.prefix(k), tok)
+      assert np.array_equal(prompt.tokens, ex.tokens[:len(prompt)])
