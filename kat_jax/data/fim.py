@@ -174,9 +174,12 @@ class _Offsets:
     self.ascii = [line.isascii() for line in self.lines]
 
   def __call__(self, lineno: int, col: int) -> int:
-    line = self.lines[lineno - 1] if lineno - 1 < len(self.lines) else ""
-    char_col = col if self.ascii[lineno - 1] else len(line.encode("utf-8")[:col].decode("utf-8", "replace"))
-    return int(self.starts[lineno - 1]) + char_col
+    if lineno - 1 >= len(self.lines):  # a position just past the last line
+      return int(self.starts[-1])
+    line = self.lines[lineno - 1]
+    if self.ascii[lineno - 1]:
+      return int(self.starts[lineno - 1]) + col
+    return int(self.starts[lineno - 1]) + len(line.encode("utf-8")[:col].decode("utf-8", "replace"))
 
 
 def _inside_fstring_ids(tree: ast.AST) -> set[int]:
