@@ -54,6 +54,14 @@ class CandidateError(Exception):
   """The program raised an exception that is not a built-in Exception type."""
 
 
+class InlineTestFailed(Exception):
+  """An inline test failed in the program process, with the error it reported."""
+
+  def __init__(self, error_type: str, message: str):
+    super().__init__(message)
+    self.error_type, self.message = error_type, message
+
+
 def _emit(event: dict) -> None:
   try:
     os.write(1, (json.dumps(event, separators=(",", ":")) + "\n").encode())
@@ -131,7 +139,7 @@ class _Program:
       self._broken("protocol violation: inline test acknowledgement without its nonce")
     if reply.get("ok") is True:
       return
-    raise _candidate_exception(reply.get("error_type"), reply.get("error"))
+    raise InlineTestFailed(str(reply.get("error_type"))[:200], str(reply.get("error"))[:_ERROR_CHARS])
 
 
 def _candidate_exception(error_type, message) -> Exception:
@@ -156,6 +164,8 @@ def _make_proxy(program: _Program, name: str):
 
 
 def _describe(error: BaseException) -> tuple[str, str]:
+  if isinstance(error, InlineTestFailed):
+    return error.error_type, error.message
   return type(error).__name__, str(error)[:_ERROR_CHARS]
 
 
