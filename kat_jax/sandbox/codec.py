@@ -1,12 +1,13 @@
 """Plain-data codec and message framing shared by the host, the judge and the program process.
 
-Values cross process boundaries in the sandbox as *plain data only*: ``None``, ``bool``, ``int``,
-``float``, ``complex``, ``str``, ``bytes``, ``bytearray``, ``list``, ``tuple``, ``dict``, ``set`` and
-``frozenset``, matched by **exact** type (a subclass of ``int`` is refused, so is any object with a
-custom ``__eq__``). The encoding is a JSON tree in which every JSON array is tagged:
+Values cross process boundaries in the sandbox as *plain data only*: ``None``, ``bool``,
+``int``, ``float``, ``complex``, ``str``, ``bytes``, ``bytearray``, ``list``, ``tuple``, ``dict``,
+``set`` and ``frozenset``, matched by **exact** type (a subclass of ``int`` is refused, so is any
+object with a custom ``__eq__``). The encoding is a JSON tree in which every JSON array is tagged:
 
   ``["L", ...]`` list, ``["T", ...]`` tuple, ``["S", ...]`` set, ``["F", ...]`` frozenset,
-  ``["D", [k, v], ...]`` dict, ``["B", hex]`` bytes, ``["A", hex]`` bytearray, ``["C", re, im]`` complex;
+  ``["D", [k, v], ...]`` dict, ``["B", hex]`` bytes, ``["A", hex]`` bytearray,
+  ``["C", re, im]`` complex;
 
 JSON scalars stand for themselves (``1`` int, ``1.0`` float, ``true`` bool, NaN/Infinity allowed).
 ``decode`` rebuilds genuine built-in objects from such a tree and rejects anything else, so whatever

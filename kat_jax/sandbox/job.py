@@ -91,7 +91,7 @@ class Job:
   setup: str = ""
   exports: tuple[str, ...] = ()
   mode: str = "proxy"
-  module_name: str = "__candidate__"   # __name__ of the program's module ("__main__" runs main blocks)
+  module_name: str = "__candidate__"   # the program's __name__ ("__main__" runs main blocks)
   canonicalize_results: bool = True    # inline mode: round-trip exported functions' results
   job_id: str = ""
   limits: Optional[Limits] = None      # overrides the pool's limits for this job
@@ -149,7 +149,7 @@ class Result:
   job_id: str
   status: str
   tests: tuple[TestOutcome, ...]
-  killed_by: Optional[str] = None       # "wall_time", "cpu_time", "output", "signal SIGSEGV", "exit 0"
+  killed_by: Optional[str] = None  # "wall_time" "cpu_time" "output" "signal SIGSEGV" "exit 0" ...
   load_error_type: Optional[str] = None
   load_error: Optional[str] = None
   harness_error: Optional[str] = None

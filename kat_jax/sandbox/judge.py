@@ -35,7 +35,7 @@ from kat_jax.sandbox import program as program_side
 
 _SPEC_BYTES = 256 << 20
 _ERROR_CHARS = 2000
-ROOT_MOUNT = "/tmp"  # mount point of the program's private root inside the judge's mount namespace
+ROOT_MOUNT = "/tmp"  # where the program's private root is mounted in the judge's mount namespace
 
 
 class _Deadline(BaseException):
@@ -121,7 +121,8 @@ class _Program:
     self.send({"op": "call", "id": self.next_id, "fn": function, "args": encoded_args,
                "kwargs": encoded_kwargs})
     reply = self.receive()
-    if reply.get("op") != "result" or reply.get("id") != self.next_id:
+    if reply.get("op") != "result" or type(reply.get("id")) is not int or (
+        reply["id"] != self.next_id):
       self._broken("protocol violation: unexpected reply to a call")
     if reply.get("ok") is True:
       try:
@@ -139,7 +140,8 @@ class _Program:
       self._broken("protocol violation: inline test acknowledgement without its nonce")
     if reply.get("ok") is True:
       return
-    raise InlineTestFailed(str(reply.get("error_type"))[:200], str(reply.get("error"))[:_ERROR_CHARS])
+    raise InlineTestFailed(str(reply.get("error_type"))[:200],
+                           str(reply.get("error"))[:_ERROR_CHARS])
 
 
 def _candidate_exception(error_type, message) -> Exception:
@@ -230,8 +232,11 @@ def _judge(state: _State) -> None:
   signal.setitimer(signal.ITIMER_REAL,
                    max(1e-3, spec["limits"]["wall_time_s"] - (time.monotonic() - state.start)))
   report, state.layout = _confine_judge(spec)
+  # No deadline between the fork and recording the child: _finish must always find it to kill.
+  signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
   pid, request_w, reply_r = _start_program(spec, state.layout)
   state.program = _Program(pid, request_w, reply_r, spec["limits"]["max_value_bytes"])
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
   _emit({"e": "start", "program_pid": pid, "isolation": report})
   _run_tests(state)
 
@@ -303,6 +308,7 @@ def _start_program(spec: dict, layout: dict) -> tuple[int, int, int]:
     try:
       signal.setitimer(signal.ITIMER_REAL, 0)
       signal.signal(signal.SIGALRM, signal.SIG_DFL)
+      signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
       signal.signal(signal.SIGINT, signal.default_int_handler)
       os.dup2(3, 1)
       os.dup2(4, 2)

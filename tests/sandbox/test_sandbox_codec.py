@@ -42,8 +42,9 @@ def test_round_trip_rebuilds_identical_types_and_values(value):
   assert codec.canonical(codec.loads(codec.dumps(value))) == codec.canonical(value)
 
 
-@pytest.mark.parametrize("a,b", [(1, 1.0), (1, True), (0, False), ([1], (1,)), ({1}, frozenset({1})),
-                                 (b"a", bytearray(b"a")), ("1", 1), (0.0, -0.0), (None, 0)])
+@pytest.mark.parametrize("a,b", [(1, 1.0), (1, True), (0, False), ([1], (1,)),
+                                 ({1}, frozenset({1})), (b"a", bytearray(b"a")), ("1", 1),
+                                 (0.0, -0.0), (None, 0)])
 def test_canonical_is_type_exact(a, b):
   assert codec.canonical(a) != codec.canonical(b)  # even where Python's == says equal
 

@@ -163,8 +163,8 @@ TRICKS = [
           return 0
         """), CORRECT, False),
     Trick("atexit_os_exit_zero", "import atexit, os\natexit.register(os._exit, 0)\n"
-          "def add(a, b):\n  return 0\n", "import atexit\natexit.register(print, 'bye')\n" + CORRECT,
-          True),
+          "def add(a, b):\n  return 0\n",
+          "import atexit\natexit.register(print, 'bye')\n" + CORRECT, True),
     Trick("atexit_raises_system_exit", "import atexit, sys\natexit.register(sys.exit, 0)\n"
           "def add(a, b):\n  return 0\n", CORRECT, False),
     Trick("del_calls_os_exit_zero", textwrap.dedent("""

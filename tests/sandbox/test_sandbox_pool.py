@@ -35,7 +35,8 @@ def test_per_test_verdicts_and_timings(pool):  # noqa: F811
 
 def test_call_tests_compare_types_exactly(pool):  # noqa: F811
   result = pool.run(Job(program="def f():\n  return 1\n",
-                        tests=(CallTest("int", "f", expected=1), CallTest("float", "f", expected=1.0),
+                        tests=(CallTest("int", "f", expected=1),
+                               CallTest("float", "f", expected=1.0),
                                CallTest("bool", "f", expected=True))))
   assert [t.passed for t in result.tests] == [True, False, False]
 
@@ -129,8 +130,8 @@ def test_main_blocks_run_only_when_asked(pool):  # noqa: F811
 
 
 def test_run_job_convenience():
-  result = run_job(Job(program="def f():\n  return 'ok'\n", tests=(CallTest("f", "f", expected="ok"),)),
-                   limits=TIGHT_LIMITS)
+  result = run_job(Job(program="def f():\n  return 'ok'\n",
+                       tests=(CallTest("f", "f", expected="ok"),)), limits=TIGHT_LIMITS)
   assert result.passed and result.isolation["chroot"]
 
 
