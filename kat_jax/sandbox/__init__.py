@@ -63,7 +63,15 @@ introspecting the harness in its own process (gc,     defeated     NOT defeated
 In proxy mode the test code runs in the judge, an interpreter that never executes program code;
 arguments and results cross as plain data (``codec``: exact built-in types, rebuilt on the
 judge's side), so the program can influence a verdict only through the values its functions
-return. Use ``"inline"`` only for tests that need the program's own objects.
+return. Use ``"inline"`` only for tests that need the program's own objects; its price: a program
+that leaves a thread running or calls ``sys.addaudithook`` fails every inline test, and with
+``canonicalize_results=False`` (objects allowed) the ``__eq__`` rows above are no longer defeated.
+CallTests are judged in the judge process in both modes.
+
+Programs run on the standard library only (``python -I -S``; the zygote preloads common modules).
+``Isolation.readonly_paths`` adds host directories to the private root (read-only), e.g. a
+package directory that setup or program code then puts on ``sys.path``. Aggregate memory of a job
+is bounded by ``Limits.max_processes × Limits.memory_bytes`` (rlimits are per process).
 """
 from kat_jax.sandbox.job import (CallTest, CodeTest, Isolation, Job, Limits, Result,
                                  TestOutcome)
