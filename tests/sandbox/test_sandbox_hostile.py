@@ -190,16 +190,21 @@ def test_network_is_unreachable_even_on_loopback(pool):  # noqa: F811
 
 
 def test_network_check_is_sensitive_without_namespaces(caplog):
-  """Control for the test above: the same program connects when namespaces are disabled."""
+  """Control for the test above: the same program connects when namespaces are disabled. Also
+  the fallback's contract: degraded isolation is logged and reported, the host temporary
+  directory that replaces the private root is removed afterwards."""
   # (Without namespaces and with a private uid, /root/.pyenv's stdlib would be unreadable here.)
   isolation = Isolation(namespaces=False, drop_privileges=False)
   with _listening_socket() as listener, caplog.at_level(logging.WARNING), SandboxPool(
       num_workers=1, limits=TIGHT_LIMITS, isolation=isolation) as fallback:
     port = listener.getsockname()[1]
-    result = fallback.run(Job(program=textwrap.dedent(_CONNECT.format(port=port)),
+    program = textwrap.dedent(_CONNECT.format(port=port)) + "import os\nprint(os.getcwd())\n"
+    result = fallback.run(Job(program=program,
                               tests=(CallTest("probe", "probe", expected="connected"),)))
     assert result.passed, result
     assert _accepted(listener)
+  workdir = result.stdout.strip()
+  assert workdir.startswith("/tmp/kat_sandbox_") and not os.path.exists(workdir)
   assert result.isolation["namespaces"] is False and result.isolation["notes"]
   assert "sandbox isolation degraded" in caplog.text  # the fallback is logged
 
