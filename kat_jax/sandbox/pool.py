@@ -57,6 +57,10 @@ def default_readonly_paths() -> tuple[str, ...]:
   return tuple(paths)
 
 
+class ForkFailed(OSError):
+  """The zygote is alive but fork() failed (e.g. EAGAIN: the machine is out of processes)."""
+
+
 class _Zygote:
   """The fork server process and its control socket."""
 
@@ -85,7 +89,7 @@ class _Zygote:
         reply += chunk
     (pid,) = _PID.unpack(reply)
     if pid < 0:
-      raise OSError(-pid, f"the sandbox zygote could not fork: {os.strerror(-pid)}")
+      raise ForkFailed(-pid, f"the sandbox zygote could not fork: {os.strerror(-pid)}")
     return pid
 
   def alive(self) -> bool:
@@ -201,17 +205,20 @@ class SandboxPool:
     return result
 
   def _spawn(self, fds: list[int]) -> int:
+    """Forks a judge through the zygote, restarting a dead zygote once."""
     for attempt in range(2):
       with self._zygote_lock:
         zygote = self._zygote
-        if not zygote.alive() and attempt == 0:
+        if not zygote.alive():
           log.warning("sandbox zygote exited (code %s); restarting it", zygote._process.poll())
           zygote.close()
           zygote = self._zygote = _Zygote()
       try:
         return zygote.spawn(fds)
-      except (ConnectionError, BrokenPipeError, OSError) as error:
-        if attempt == 1 or isinstance(error, OSError) and error.errno == 11:  # EAGAIN: real
+      except ForkFailed:
+        raise  # the zygote is fine; the machine refused a process (reported as harness_error)
+      except OSError:  # the zygote died under us (EPIPE, ECONNRESET, EOF)
+        if attempt == 1:
           raise
         with self._zygote_lock:
           if self._zygote is zygote:
@@ -260,7 +267,7 @@ class SandboxPool:
     try:
       io = _JobIO(job_in_w, events_r, diag_r, out_r, err_r, payload, limits)
       host_reason = io.run(deadline=start + limits.wall_time_s + _GRACE_S,
-                           kill=lambda: _kill(pid, pidfd))
+                           kill=lambda: _kill(pidfd))
     finally:
       if pidfd is not None:
         os.close(pidfd)
@@ -275,13 +282,13 @@ def _frame(obj) -> bytes:
   return len(payload).to_bytes(4, "big") + payload
 
 
-def _kill(pid: int, pidfd: Optional[int]) -> None:
+def _kill(pidfd: Optional[int]) -> None:
+  """SIGKILLs the judge through its pidfd (no pidfd: it had already exited)."""
+  if pidfd is None:
+    return
   try:
-    if pidfd is not None:
-      signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    else:
-      os.killpg(pid, signal.SIGKILL)
-  except (ProcessLookupError, PermissionError, OSError):
+    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+  except OSError:
     pass
 
 
