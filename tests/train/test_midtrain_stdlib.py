@@ -1,0 +1,18 @@
+"""The tiny model learns real code: mid-training on the Python standard library's sources (with a
+sentencepiece model trained from them) lowers the held-out loss within a few dozen steps."""
+import numpy as np
+
+from configs import midtrain_tiny
+from kat_jax.train import loop
+
+
+def test_tiny_loss_decreases_on_stdlib(tmp_path):
+  c = midtrain_tiny.get_config()
+  c.data.data_dir = str(tmp_path / "tfds")
+  c.train.update(dict(steps=40, seq_len=128, batch_size=8, warmup_steps=5, eval_every=40,
+                      eval_steps=4, checkpoint_every=40, progress_bar=False, log_every=10))
+  result = loop.train(c, str(tmp_path / "run"))
+  initial = np.log(c.model.vocab_size)   # a freshly initialized model predicts ~uniformly
+  assert result["step"] == 40
+  assert result["eval_loss"] < initial - 1.0, result
+  assert result["train_data/token_fraction/code"] == 1.0
