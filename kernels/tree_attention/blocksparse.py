@@ -9,10 +9,13 @@ as one batched tile computation, and merges the partial softmax results of the c
 query block with a segment max / segment sum (flash-decoding style). Padding is at most W-1 key
 blocks per query block plus the capacity rounding of the chunk count.
 
-The custom VJP keeps the same shape of work and needs no scatter over keys or queries of the size
-of the attention: dQ is computed on the forward (query-major) chunks and summed per query block;
-dK and dV on the transposed (key-major) chunks — per key block, the query blocks that see it — and
-summed per key block. Rows with no visible key give 0 and zero gradient; statistics are float32.
+The custom VJP (flash-attention style: the forward saves the log-sum-exp) recomputes the same
+chunks once and gets dQ, dK and dV from each; dQ is summed over the chunks of a query block, dK
+and dV over the chunk slots holding a key block. These segment sums scatter whole [block, D]
+tiles, so they cost a small fraction of the matmuls (a key-major second pass, as in the Pallas
+kernels, would recompute the logits instead). Tiles are head-major, queries of the G heads of a kv head stacked as
+rows (see ``blockwise``), so every matmul runs on XLA:CPU's fast path without transposing copies.
+Rows with no visible key give 0 and zero gradient; statistics are float32.
 
 Usage: ``tree_attention(q_bthd, k_bshd, v_bshd, mask)`` with
 ``mask.blocks = block_layout(tin, tout, block_q, block_k)`` built with the same block sizes
@@ -30,7 +33,7 @@ import jax.numpy as jnp
 from kernels.tree_attention import blockwise, reference
 from kernels.tree_attention.layout import PAD_INTERVAL, BlockSizes, check_layout, num_blocks
 
-LAYOUT_KEYS = ("kv_ids", "fwd_chunk_q", "fwd_chunk_kv", "bwd_chunk_kv", "bwd_chunk_q")
+LAYOUT_KEYS = ("kv_ids", "fwd_chunk_q", "fwd_chunk_kv")
 
 
 def tree_attention(q_bthd, k_bshd, v_bshd, mask, *, block_sizes: Optional[BlockSizes] = None):
@@ -46,59 +49,74 @@ def tree_attention(q_bthd, k_bshd, v_bshd, mask, *, block_sizes: Optional[BlockS
                  mask.tout.astype(jnp.int32), chunks, block_sizes)
 
 
-def _take(blocks, ids):
-  """Per batch row: blocks [B, n, ...] indexed by ids [B, ...] -> [B, *ids.shape[1:], ...]."""
-  return jax.vmap(lambda x, i: x[i])(blocks, ids)
+def _take(x, ids):
+  """Per batch row, blocks along axis 2: x [B, Hkv, n, ...], ids [B, C(, W)] -> [B, Hkv, C(, W), ...]."""
+  return jax.vmap(lambda x_b, i_b: x_b[:, i_b])(x, ids)
 
 
-def _segment(op, data, ids, num):
-  """Per batch row: ``op`` (segment_sum / segment_max) of data [B, C, ...] by ids [B, C]."""
-  return jax.vmap(lambda x, i: op(x, i, num_segments=num))(data, ids)
+def _take_intervals(x, ids):
+  """Per batch row: x [B, n, block], ids [B, C(, W)] -> [B, C(, W), block]."""
+  return jax.vmap(lambda x_b, i_b: x_b[i_b])(x, ids)
 
 
-def _blocked(x, block, n, value=0, extra_block=False):
-  """[B, T, ...] -> [B, n (+1), block, ...], padded with ``value`` (and one all-``value`` block)."""
-  x = blockwise.pad_axis(x, 1, (n + int(extra_block)) * block, value)
-  return x.reshape(x.shape[0], -1, block, *x.shape[2:])
+def _segment_sum(data, ids, num):
+  """Sum of data [B, Hkv, C, ...] over chunks with the same id (ids [B, C]) -> [B, Hkv, num, ...]."""
+  per_head = jax.vmap(lambda x, i: jax.ops.segment_sum(x, i, num), in_axes=(0, None))
+  return jax.vmap(per_head)(data, ids)
 
 
-def _merge_rows(x):
-  """[B, C, W, blk, ...] -> [B, C, W * blk, ...]."""
-  return x.reshape(*x.shape[:2], x.shape[2] * x.shape[3], *x.shape[4:])
+def _segment_max(data, ids, num):
+  per_head = jax.vmap(lambda x, i: jax.ops.segment_max(x, i, num), in_axes=(0, None))
+  return jax.vmap(per_head)(data, ids)
+
+
+def _merge_w(x):
+  """[B, Hkv, C, W, block, ...] -> [B, Hkv, C, W*block, ...] (free: adjacent dims)."""
+  return x.reshape(*x.shape[:3], x.shape[3] * x.shape[4], *x.shape[5:])
+
+
+class _Tiles:
+  """The block-major, head-major views of the inputs that both passes gather chunks from."""
+
+  def __init__(self, q, k, v, tin, tout, block_sizes):
+    b, t, hq, _ = q.shape
+    hkv = k.shape[2]
+    self.group = hq // hkv
+    self.bq, self.bk = block_sizes.block_q, block_sizes.block_k
+    self.nq, self.nk = num_blocks(t, self.bq), num_blocks(t, self.bk)
+    # Key block nk is a dummy (zeros, intervals that nobody sees) for the padding slots of chunks.
+    self.k = blockwise.to_key_blocks(k, self.bk, self.nk + 1)  # [B, Hkv, nk+1, bk, D]
+    self.v = blockwise.to_key_blocks(v, self.bk, self.nk + 1)
+    kpad = lambda x: blockwise.pad_axis(x, 1, (self.nk + 1) * self.bk, PAD_INTERVAL)
+    self.k_tin = kpad(tin).reshape(b, self.nk + 1, self.bk)
+    self.k_tout = kpad(tout).reshape(b, self.nk + 1, self.bk)
+    self.q_rows = blockwise.to_rows(q, hkv, self.bq)  # [B, Hkv, nq, G*bq, D]
+    self.q_tin = blockwise.pad_axis(tin, 1, self.nq * self.bq, PAD_INTERVAL).reshape(
+        b, self.nq, self.bq)
+
+  def chunk(self, fwd_q, fwd_kv):
+    """Gathered tiles of every chunk: q [B,Hkv,C,G*bq,D], k, v [B,Hkv,C,W*bk,D], row mask."""
+    vis = blockwise.tile_visible(_take_intervals(self.q_tin, fwd_q),
+                                 _take_intervals(self.k_tin, fwd_kv).reshape(*fwd_kv.shape[:2], -1),
+                                 _take_intervals(self.k_tout, fwd_kv).reshape(*fwd_kv.shape[:2], -1))
+    return (_take(self.q_rows, fwd_q), _merge_w(_take(self.k, fwd_kv)),
+            _merge_w(_take(self.v, fwd_kv)), blockwise.rows_visible(vis, self.group))
 
 
 def _forward(q, k, v, tin, tout, chunks, block_sizes):
-  fwd_q, fwd_kv, _, _ = chunks
-  b, t, hq, d = q.shape
-  hkv = k.shape[2]
-  bq, bk = block_sizes.block_q, block_sizes.block_k
-  nq, nk = num_blocks(t, bq), num_blocks(t, bk)
-  scale = 1.0 / (d ** 0.5)
-  # Key block nk is a dummy (zeros, intervals that nobody sees) for the padding slots of chunks.
-  k_blocks = _blocked(k, bk, nk, extra_block=True)
-  v_blocks = _blocked(v, bk, nk, extra_block=True)
-  k_tin_blocks = _blocked(tin, bk, nk, PAD_INTERVAL, extra_block=True)
-  k_tout_blocks = _blocked(tout, bk, nk, PAD_INTERVAL, extra_block=True)
-  q_blocks = _blocked(blockwise.group_heads(q, hkv), bq, nq)  # [B, nq, bq, Hkv, G, D]
-  q_tin_blocks = _blocked(tin, bq, nq, PAD_INTERVAL)
-
-  q_c = _take(q_blocks, fwd_q)                      # [B, C, bq, Hkv, G, D]
-  k_c = _merge_rows(_take(k_blocks, fwd_kv))        # [B, C, W*bk, Hkv, D]
-  v_c = _merge_rows(_take(v_blocks, fwd_kv))
-  vis = blockwise.tile_visible(_take(q_tin_blocks, fwd_q),
-                               _merge_rows(_take(k_tin_blocks, fwd_kv)),
-                               _merge_rows(_take(k_tout_blocks, fwd_kv)))
-  m_c, l_c, acc_c = blockwise.tile_forward(q_c, k_c, v_c, vis, scale)  # [B, C, Hkv, G, bq(, D)]
-
+  fwd_q, fwd_kv = chunks
+  t, d = q.shape[1], q.shape[3]
+  tiles = _Tiles(q, k, v, tin, tout, block_sizes)
+  q_c, k_c, v_c, vis = tiles.chunk(fwd_q, fwd_kv)
+  m_c, l_c, acc_c = blockwise.tile_forward(q_c, k_c, v_c, vis, 1.0 / d ** 0.5)  # [B,Hkv,C,R(,D)]
   # Merge the chunks of each query block. Query blocks without chunks get max = -inf from the
   # empty segment; clamping to NEG keeps exp() finite, and their l = 0 gives output 0.
-  m = jnp.maximum(_segment(jax.ops.segment_max, m_c, fwd_q, nq), blockwise.NEG)
+  m = jnp.maximum(_segment_max(m_c, fwd_q, tiles.nq), blockwise.NEG)  # [B, Hkv, nq, R]
   rescale = jnp.exp(m_c - _take(m, fwd_q))
-  l = _segment(jax.ops.segment_sum, l_c * rescale, fwd_q, nq)
-  acc = _segment(jax.ops.segment_sum, acc_c * rescale[..., None], fwd_q, nq)
-  out, lse = blockwise.finalize(m, l, acc)  # [B, nq, Hkv, G, bq, D], [B, nq, Hkv, G, bq]
-  out = jnp.moveaxis(out, 4, 2).reshape(b, nq * bq, hq, d)[:, :t].astype(q.dtype)
-  return out, lse
+  l = _segment_sum(l_c * rescale, fwd_q, tiles.nq)
+  acc = _segment_sum(acc_c * rescale[..., None], fwd_q, tiles.nq)
+  out, lse = blockwise.finalize(m, l, acc)  # [B, Hkv, nq, R, D], [B, Hkv, nq, R]
+  return blockwise.from_rows(out, t, tiles.group).astype(q.dtype), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -113,58 +131,24 @@ def _attend_fwd(q, k, v, tin, tout, chunks, block_sizes):
 
 def _attend_bwd(block_sizes, residuals, do):
   q, k, v, tin, tout, chunks, out, lse = residuals
-  fwd_q, fwd_kv, bwd_kv, bwd_q = chunks
-  b, t, hq, d = q.shape
-  hkv = k.shape[2]
-  bq, bk = block_sizes.block_q, block_sizes.block_k
-  nq, nk = num_blocks(t, bq), num_blocks(t, bk)
-  scale = 1.0 / (d ** 0.5)
-  qg = blockwise.group_heads(q, hkv)
-  dog = blockwise.group_heads(do, hkv)
-  delta = blockwise.row_delta(blockwise.group_heads(out, hkv), dog)  # [B, T, Hkv, G]
-  delta = jnp.moveaxis(_blocked(delta, bq, nq), 2, 4)  # [B, nq, Hkv, G, bq], like lse
-
-  k_blocks = _blocked(k, bk, nk, extra_block=True)
-  v_blocks = _blocked(v, bk, nk, extra_block=True)
-  k_tin_blocks = _blocked(tin, bk, nk, PAD_INTERVAL, extra_block=True)
-  k_tout_blocks = _blocked(tout, bk, nk, PAD_INTERVAL, extra_block=True)
-  # Query block nq is a dummy for the padding slots of key-major chunks: it sees no key, and its
-  # do = 0 and lse = +inf make its contribution exactly zero as well.
-  q_blocks = _blocked(qg, bq, nq, extra_block=True)
-  do_blocks = _blocked(dog, bq, nq, extra_block=True)
-  q_tin_blocks = _blocked(tin, bq, nq, PAD_INTERVAL, extra_block=True)
-  lse_blocks = jnp.concatenate([lse, jnp.full_like(lse[:, :1], jnp.inf)], axis=1)
-  delta_blocks = jnp.concatenate([delta, jnp.zeros_like(delta[:, :1])], axis=1)
-
-  # dQ on the query-major chunks, summed per query block.
-  vis = blockwise.tile_visible(_take(q_tin_blocks, fwd_q),
-                               _merge_rows(_take(k_tin_blocks, fwd_kv)),
-                               _merge_rows(_take(k_tout_blocks, fwd_kv)))
-  dq_c, _, _ = blockwise.tile_backward(
-      _take(q_blocks, fwd_q), _merge_rows(_take(k_blocks, fwd_kv)),
-      _merge_rows(_take(v_blocks, fwd_kv)), _take(do_blocks, fwd_q),
-      _take(lse_blocks, fwd_q), _take(delta_blocks, fwd_q), vis, scale)
-  dq = _segment(jax.ops.segment_sum, dq_c, fwd_q, nq)  # [B, nq, bq, Hkv, G, D]
-
-  # dK, dV on the key-major chunks: per key block, W query blocks side by side.
-  def query_rows(x):  # [B, Cb, W, ..., bq] -> [B, Cb, ..., W*bq] for lse / delta
-    x = jnp.moveaxis(x, 2, -2)
-    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
-
-  vis = blockwise.tile_visible(_merge_rows(_take(q_tin_blocks, bwd_q)),
-                               _take(k_tin_blocks, bwd_kv), _take(k_tout_blocks, bwd_kv))
-  _, dk_c, dv_c = blockwise.tile_backward(
-      _merge_rows(_take(q_blocks, bwd_q)), _take(k_blocks, bwd_kv), _take(v_blocks, bwd_kv),
-      _merge_rows(_take(do_blocks, bwd_q)), query_rows(_take(lse_blocks, bwd_q)),
-      query_rows(_take(delta_blocks, bwd_q)), vis, scale)
-  dk = _segment(jax.ops.segment_sum, dk_c, bwd_kv, nk)  # [B, nk, bk, Hkv, D]
-  dv = _segment(jax.ops.segment_sum, dv_c, bwd_kv, nk)
-
-  def unblock(x, shape):
-    return x.reshape(b, -1, *shape)[:, :t]
-
-  return (unblock(dq, (hq, d)).astype(q.dtype), unblock(dk, (hkv, d)).astype(k.dtype),
-          unblock(dv, (hkv, d)).astype(v.dtype), None, None, None)
+  fwd_q, fwd_kv = chunks
+  t, hkv, d = q.shape[1], k.shape[2], q.shape[3]
+  tiles = _Tiles(q, k, v, tin, tout, block_sizes)
+  q_c, k_c, v_c, vis = tiles.chunk(fwd_q, fwd_kv)
+  do_c = _take(blockwise.to_rows(do, hkv, tiles.bq), fwd_q)
+  delta = blockwise.to_rows(blockwise.row_delta(out, do), hkv, tiles.bq)  # [B, Hkv, nq, R]
+  dq_c, dk_c, dv_c = blockwise.tile_backward(q_c, k_c, v_c, do_c, _take(lse, fwd_q),
+                                             _take(delta, fwd_q), vis, 1.0 / d ** 0.5)
+  # dQ: sum over the chunks of each query block. dK, dV: sum over every chunk slot that holds the
+  # key block; padding slots point at the dummy block nk, which is dropped.
+  dq = _segment_sum(dq_c, fwd_q, tiles.nq)  # [B, Hkv, nq, R, D]
+  b, c, w = fwd_kv.shape
+  slots = lambda x: x.reshape(b, hkv, c * w, tiles.bk, d)
+  dk = _segment_sum(slots(dk_c), fwd_kv.reshape(b, c * w), tiles.nk + 1)[:, :, :tiles.nk]
+  dv = _segment_sum(slots(dv_c), fwd_kv.reshape(b, c * w), tiles.nk + 1)[:, :, :tiles.nk]
+  return (blockwise.from_rows(dq, t, tiles.group).astype(q.dtype),
+          blockwise.from_key_blocks(dk, t).astype(k.dtype),
+          blockwise.from_key_blocks(dv, t).astype(v.dtype), None, None, None)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

@@ -22,21 +22,18 @@ Two ways to know which blocks to visit:
   the list issues no new copy for skipped steps).
 * ``q_ids`` [B, nk, nq], ``q_counts`` [B, nk] — the transpose: per key block, the query blocks
   that see it (used by the dK/dV backward pass).
-* ``fwd_chunk_q`` [B, Cf], ``fwd_chunk_kv`` [B, Cf, W] — the same visits as *chunks*: each query
+* ``fwd_chunk_q`` [B, C], ``fwd_chunk_kv`` [B, C, W] — the same visits as *chunks*: each query
   block's list cut into chunks of ``W = chunk_width`` key blocks; a list shorter than a multiple of
   W is completed with the dummy key block id ``nk``; unused chunks are (query block 0, all dummy).
   The plain-XLA block-sparse path computes all chunks at once and merges chunks of the same query
   block (flash-decoding style), so no query block is padded to the global maximum.
-* ``bwd_chunk_kv`` [B, Cb], ``bwd_chunk_q`` [B, Cb, W] — the transpose, with dummy query block
-  ``nq``.
 
 Static-size policy (so that jit does not retrace per batch): all ``*_ids`` lists have the static
-width nk or nq (fixed by T and the block sizes). The chunk capacities Cf and Cb are data dependent:
-by default they are the batch maximum rounded up to three significant bits (1..8, then 8, 9, ...,
-15, 16, 18, ..., 30, 32, 36, ...), so at most 8 distinct shapes per doubling and at most 12.5% padding
-chunks. Pass ``capacity=(Cf, Cb)`` to pin them (``worst_case_capacity(T, ...)`` fits any tree; a
-data pipeline that knows its trees can pin less); a capacity that is too small raises an error
-naming the needed value.
+width nk or nq (fixed by T and the block sizes). The chunk capacity C is data dependent: by default
+it is the batch maximum rounded up to three significant bits (1..8, then 8, 9, ..., 15, 16, 18, ...,
+30, 32, 36, ...), so at most 8 distinct shapes per doubling and at most 12.5% padding chunks. Pass
+``capacity=C`` to pin it (``worst_case_capacity(T, ...)`` fits any tree; a data pipeline that knows
+its trees can pin less); a capacity that is too small raises an error naming the needed value.
 """
 from __future__ import annotations
 
@@ -86,14 +83,14 @@ def round_capacity(n: int) -> int:
 
 
 def worst_case_capacity(t: int, block_q: int, block_k: int,
-                        chunk_width: int = DEFAULT_CHUNK_WIDTH) -> tuple[int, int]:
-  """(Cf, Cb) that fits any intervals of length t: every query block visiting every key block.
+                        chunk_width: int = DEFAULT_CHUNK_WIDTH) -> int:
+  """Chunk capacity that fits any intervals of length t: every query block visits every key block.
 
   Pinning ``capacity`` to it gives one shape per (T, block sizes) at the cost of padded work;
   a pipeline that knows its trees can pin a smaller value.
   """
   nq, nk = num_blocks(t, block_q), num_blocks(t, block_k)
-  return nq * num_blocks(nk, chunk_width), nk * num_blocks(nq, chunk_width)
+  return nq * num_blocks(nk, chunk_width)
 
 
 def pad_intervals(tin, tout, t_pad: int, xp=jnp):
@@ -203,14 +200,14 @@ def _chunks(ids: np.ndarray, counts: np.ndarray, width: int, dummy: int):
   return per_row
 
 
-def _pack_chunks(per_row, capacity: int, width: int, dummy: int, what: str):
+def _pack_chunks(per_row, capacity: int, width: int, dummy: int):
   b = len(per_row)
   owner = np.zeros((b, capacity), np.int32)
   member = np.full((b, capacity, width), dummy, np.int32)
   for row, (owners, members) in enumerate(per_row):
     if len(owners) > capacity:
       raise ValueError(
-          f"{what} capacity {capacity} is too small: row {row} needs {len(owners)} chunks; "
+          f"chunk capacity {capacity} is too small: row {row} needs {len(owners)} chunks; "
           f"pass capacity=None (automatic) or a value >= {max(len(o) for o, _ in per_row)}")
     if owners:
       owner[row, :len(owners)] = owners
@@ -220,15 +217,15 @@ def _pack_chunks(per_row, capacity: int, width: int, dummy: int, what: str):
 
 def block_layout(tin, tout, block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK, *,
                  chunk_width: int = DEFAULT_CHUNK_WIDTH,
-                 capacity: Optional[tuple[int, int]] = None) -> dict:
+                 capacity: Optional[int] = None) -> dict:
   """Host-side block metadata for ``AttentionMask.blocks`` (see the module docstring for the keys).
 
   Args:
     tin, tout: int [B, T] DFS intervals (numpy or array-like; real values >= 0).
     block_q, block_k: block sizes; must match the ``BlockSizes`` the attention function uses.
-    chunk_width: key (query) blocks per forward (backward) chunk of the block-sparse XLA path.
-    capacity: (Cf, Cb) to pin the number of forward/backward chunks per row; None rounds the batch
-      maximum up to three significant bits.
+    chunk_width: key blocks per chunk of the block-sparse XLA path.
+    capacity: pins the number of chunks per row; None rounds the batch maximum up to three
+      significant bits.
   """
   tin = np.asarray(tin)
   tout = np.asarray(tout)
@@ -240,20 +237,12 @@ def block_layout(tin, tout, block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT
   mask = exact_block_mask(tin, tout, block_q, block_k)
   kv_ids, kv_counts = visit_lists(mask, np)
   q_ids, q_counts = visit_lists(np.swapaxes(mask, 1, 2), np)
-  fwd = _chunks(kv_ids, kv_counts, chunk_width, dummy=nk)
-  bwd = _chunks(q_ids, q_counts, chunk_width, dummy=nq)
+  chunks = _chunks(kv_ids, kv_counts, chunk_width, dummy=nk)
   if capacity is None:
-    cap_f = round_capacity(max(len(o) for o, _ in fwd))
-    cap_b = round_capacity(max(len(o) for o, _ in bwd))
-  else:
-    cap_f, cap_b = capacity
-  fwd_q, fwd_kv = _pack_chunks(fwd, cap_f, chunk_width, nk, "forward chunk")
-  bwd_kv, bwd_q = _pack_chunks(bwd, cap_b, chunk_width, nq, "backward chunk")
-  return {
-      "kv_ids": kv_ids, "kv_counts": kv_counts, "q_ids": q_ids, "q_counts": q_counts,
-      "fwd_chunk_q": fwd_q, "fwd_chunk_kv": fwd_kv,
-      "bwd_chunk_kv": bwd_kv, "bwd_chunk_q": bwd_q,
-  }
+    capacity = round_capacity(max(len(owners) for owners, _ in chunks))
+  fwd_q, fwd_kv = _pack_chunks(chunks, capacity, chunk_width, nk)
+  return {"kv_ids": kv_ids, "kv_counts": kv_counts, "q_ids": q_ids, "q_counts": q_counts,
+          "fwd_chunk_q": fwd_q, "fwd_chunk_kv": fwd_kv}
 
 
 def visited_fraction(blocks: dict) -> float:

@@ -42,37 +42,33 @@ def _check_inputs(q, k, v, mask):
 
 
 def _key_blocks(k, v, tin, tout, block_k):
-  """Keys padded to whole blocks and stacked block-major: [nk, B, block_k, ...]."""
-  b, s = tin.shape
-  s_pad = num_blocks(s, block_k) * block_k
-  k = blockwise.pad_axis(k, 1, s_pad)
-  v = blockwise.pad_axis(v, 1, s_pad)
-  k_tin = blockwise.pad_axis(tin, 1, s_pad, PAD_INTERVAL)
-  k_tout = blockwise.pad_axis(tout, 1, s_pad, PAD_INTERVAL)
-
-  def split(x):
-    return jnp.swapaxes(x.reshape(b, s_pad // block_k, block_k, *x.shape[2:]), 0, 1)
-
-  return split(k), split(v), split(k_tin), split(k_tout)
+  """Keys padded to whole blocks, stacked block-major for the scan: [nk, B, Hkv, block_k, D]."""
+  nk = num_blocks(tin.shape[1], block_k)
+  to_scan = lambda x: jnp.moveaxis(x, 2, 0)
+  k_tin = blockwise.pad_axis(tin, 1, nk * block_k, PAD_INTERVAL).reshape(-1, nk, block_k)
+  k_tout = blockwise.pad_axis(tout, 1, nk * block_k, PAD_INTERVAL).reshape(-1, nk, block_k)
+  return (to_scan(blockwise.to_key_blocks(k, block_k, nk)),
+          to_scan(blockwise.to_key_blocks(v, block_k, nk)),
+          jnp.moveaxis(k_tin, 1, 0), jnp.moveaxis(k_tout, 1, 0))
 
 
 def _forward(q, k, v, tin, tout, block_k):
   b, t, hq, d = q.shape
   hkv = k.shape[2]
+  group = hq // hkv
   scale = 1.0 / (d ** 0.5)
-  qg = blockwise.group_heads(q, hkv)
+  q_rows = blockwise.to_rows(q, hkv, t)[:, :, 0]  # [B, Hkv, G*T, D]: one block of all tokens
   k_blocks, v_blocks, tin_blocks, tout_blocks = _key_blocks(k, v, tin, tout, block_k)
 
   def step(carry, block):
     k_j, v_j, tin_j, tout_j = block
-    vis = blockwise.tile_visible(tin, tin_j, tout_j)  # [B, T, block_k]
-    return blockwise.merge(carry, blockwise.tile_forward(qg, k_j, v_j, vis, scale)), None
+    vis = blockwise.rows_visible(blockwise.tile_visible(tin, tin_j, tout_j), group)
+    return blockwise.merge(carry, blockwise.tile_forward(q_rows, k_j, v_j, vis, scale)), None
 
-  init = blockwise.empty_partial((b, hkv, hq // hkv, t), d)
+  init = blockwise.empty_partial(q_rows.shape[:3], d)
   partial, _ = jax.lax.scan(step, init, (k_blocks, v_blocks, tin_blocks, tout_blocks))
-  out, lse = blockwise.finalize(*partial)  # [B, Hkv, G, T, D], [B, Hkv, G, T]
-  out = jnp.moveaxis(out, 3, 1).reshape(b, t, hq, d).astype(q.dtype)
-  return out, lse
+  out, lse = blockwise.finalize(*partial)  # [B, Hkv, G*T, D], [B, Hkv, G*T]
+  return blockwise.from_rows(out[:, :, None], t, group).astype(q.dtype), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -89,26 +85,24 @@ def _attend_bwd(block_k, residuals, do):
   q, k, v, tin, tout, out, lse = residuals
   b, t, hq, d = q.shape
   hkv = k.shape[2]
+  group = hq // hkv
   scale = 1.0 / (d ** 0.5)
-  qg = blockwise.group_heads(q, hkv)
-  dog = blockwise.group_heads(do, hkv)
-  delta = jnp.moveaxis(blockwise.row_delta(blockwise.group_heads(out, hkv), dog), 1, 3)
+  rows = lambda x: blockwise.to_rows(x, hkv, t)[:, :, 0]
+  q_rows, do_rows = rows(q), rows(do)
+  delta = rows(blockwise.row_delta(out, do))  # [B, Hkv, G*T]
   k_blocks, v_blocks, tin_blocks, tout_blocks = _key_blocks(k, v, tin, tout, block_k)
 
   def step(dq, block):
     k_j, v_j, tin_j, tout_j = block
-    vis = blockwise.tile_visible(tin, tin_j, tout_j)
-    dq_j, dk_j, dv_j = blockwise.tile_backward(qg, k_j, v_j, dog, lse, delta, vis, scale)
+    vis = blockwise.rows_visible(blockwise.tile_visible(tin, tin_j, tout_j), group)
+    dq_j, dk_j, dv_j = blockwise.tile_backward(q_rows, k_j, v_j, do_rows, lse, delta, vis, scale)
     return dq + dq_j, (dk_j, dv_j)
 
-  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(qg.shape, jnp.float32),
+  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q_rows.shape, jnp.float32),
                               (k_blocks, v_blocks, tin_blocks, tout_blocks))
-
-  def unblock(x):  # [nk, B, block_k, Hkv, D] -> [B, T, Hkv, D]
-    return jnp.swapaxes(x, 0, 1).reshape(b, -1, hkv, d)[:, :t]
-
-  return (dq.reshape(q.shape).astype(q.dtype), unblock(dk).astype(k.dtype),
-          unblock(dv).astype(v.dtype), None, None)
+  unscan = lambda x: blockwise.from_key_blocks(jnp.moveaxis(x, 0, 2), t)
+  return (blockwise.from_rows(dq[:, :, None], t, group).astype(q.dtype),
+          unscan(dk).astype(k.dtype), unscan(dv).astype(v.dtype), None, None)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
