@@ -77,3 +77,111 @@ def _weight_sum(batch):
 
 # Next-token cross-entropy with per-token weights (loss masks): mid-training and flat SFT.
 LM = register("lm", Loss(numerator=_lm_numerator, denominator=_weight_sum))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-trajectory losses over prediction pairs [.., K, L-1]: one reducer for flat batches and trees.
+# ---------------------------------------------------------------------------------------------------
+
+def pair_fields(batch: dict, name: str, default: float = 0.0):
+  """Per-trajectory field of the *predicted* token of each pair (``field/<name>[..., 1:]``)."""
+  key = f"field/{name}"
+  if key not in batch:
+    return None if default is None else jnp.full(batch["pred_labels"].shape, default, jnp.float32)
+  return batch[key][..., 1:].astype(jnp.float32)
+
+
+def pair_weights(batch: dict) -> jax.Array:
+  """Loss weight of each pair: the ``weight`` field (loss mask; 1 if absent) × pair validity ×
+  the pruning keep mask of the predicted token (``keep`` [B, T], if present)."""
+  w = pair_fields(batch, "weight", 1.0) * batch["pred_valid"].astype(jnp.float32)
+  if "keep" in batch:
+    b = jnp.arange(w.shape[0])[:, None, None]
+    w = w * batch["keep"][b, batch["pred_label_rows"]].astype(jnp.float32)
+  return w
+
+
+def reduce_pairs(loss_bkl: jax.Array, weights_bkl: jax.Array, normalizer: str):
+  """(numerator, denominator) of a weighted per-pair loss.
+
+  ``token``: sum(w·l) / sum(w) — every trained token counts once per trajectory it belongs to
+  (a shared prompt token of 4 trajectories counts 4 times, exactly as in the flat batch);
+  ``sequence``: mean over trajectories of each trajectory's weighted token mean.
+  """
+  if normalizer == "token":
+    return jnp.sum(weights_bkl * loss_bkl), jnp.sum(weights_bkl)
+  if normalizer == "sequence":
+    per_traj_w = jnp.sum(weights_bkl, axis=-1)
+    per_traj = jnp.sum(weights_bkl * loss_bkl, axis=-1) / jnp.maximum(per_traj_w, 1e-9)
+    has = (per_traj_w > 0).astype(jnp.float32)
+    return jnp.sum(per_traj * has), jnp.sum(has)
+  raise ValueError(f"unknown normalizer {normalizer!r}: use 'token' or 'sequence' "
+                   f"(config.train.normalizer)")
+
+
+def policy_pair_loss(logp, batch: dict, cfg) -> tuple[jax.Array, dict]:
+  """Per-pair loss by ``cfg.objective``: ``nll`` (SFT) or ``ppo`` (clipped ratio with per-pair
+  advantages; GRPO is ``ppo`` with group-relative advantages and an optional KL to a reference)."""
+  objective = cfg.get("objective", "nll")
+  if objective == "nll":
+    return -logp, {}
+  if objective == "ppo":
+    adv = pair_fields(batch, "advantage", 0.0)
+    old = pair_fields(batch, "old_logp", None)
+    old = jax.lax.stop_gradient(logp) if old is None else old
+    ratio = jnp.exp(logp - old)
+    eps_lo = cfg.get("clip_eps", 0.2)
+    eps_hi = cfg.get("clip_eps_high", eps_lo)
+    unclipped = ratio * adv
+    clipped = jnp.clip(ratio, 1.0 - eps_lo, 1.0 + eps_hi) * adv
+    loss = -jnp.minimum(unclipped, clipped)
+    terms = {"clipped_frac": (clipped < unclipped).astype(jnp.float32), "ratio": ratio}
+    beta = cfg.get("kl_coef", 0.0)
+    ref = pair_fields(batch, "ref_logp", None)
+    if beta and ref is not None:
+      d = ref - logp
+      kl = jnp.exp(d) - d - 1.0          # k3 estimator, >= 0
+      loss = loss + beta * kl
+      terms["kl"] = kl
+    return loss, terms
+  raise ValueError(f"unknown objective {objective!r}: use 'nll' or 'ppo' (config.train.objective)")
+
+
+def _tree_numerator(params, batch, ctx: LossContext, normalizer: str):
+  from kat_jax.tree.logprobs import tree_logprobs
+  cfg = ctx.config
+  out = tree_logprobs(ctx.apply_fn, params, batch,
+                      return_values=cfg.get("value_coef", 0.0) > 0)
+  w = pair_weights(batch)
+  loss, terms = policy_pair_loss(out["logp"], batch, cfg)
+  num, _ = reduce_pairs(loss, w, normalizer)
+  metrics = {"nll_sum": reduce_pairs(-out["logp"], w, normalizer)[0],
+             "entropy_sum": reduce_pairs(out["entropy"], w, normalizer)[0]}
+  for k, v in terms.items():
+    metrics[f"{k}_sum"] = reduce_pairs(v, w, normalizer)[0]
+  ent_coef = cfg.get("entropy_coef", 0.0)
+  if ent_coef:
+    num = num - ent_coef * metrics["entropy_sum"]
+  if "values" in out:
+    returns = pair_fields(batch, "return", 0.0)
+    v_loss = 0.5 * jnp.square(out["values"] - returns)
+    metrics["value_loss_sum"] = reduce_pairs(v_loss, w, normalizer)[0]
+    num = num + cfg.value_coef * metrics["value_loss_sum"]
+  return num, metrics
+
+
+def make_tree_loss(normalizer: str) -> Loss:
+  """Tree (or flat-as-tree) loss with a fixed normalizer; the objective comes from config.train."""
+  def denominator(batch):
+    return reduce_pairs(jnp.zeros(batch["pred_labels"].shape, jnp.float32), pair_weights(batch),
+                        normalizer)[1]
+
+  def numerator(params, batch, ctx):
+    return _tree_numerator(params, batch, ctx, normalizer)
+
+  return Loss(numerator=numerator, denominator=denominator)
+
+
+# Trees with per-trajectory losses: token-mean and sequence-mean normalizers.
+TREE = register("tree", make_tree_loss("token"))
+TREE_SEQUENCE_MEAN = register("tree_sequence_mean", make_tree_loss("sequence"))
