@@ -44,7 +44,7 @@ def _synthetic_data(config, workdir, *, split, batch_size, seed, shard_index, sh
   return it, None
 
 
-def _lm_data(config, workdir, *, split, batch_size, seed, shard_index, shard_count):
+def _tokenizer(config, workdir):
   from kat_jax.data import pipeline
   tokenizer = pipeline.get_or_train_tokenizer(config.data, workdir)
   if tokenizer.vocab_size > config.model.vocab_size:
@@ -52,11 +52,27 @@ def _lm_data(config, workdir, *, split, batch_size, seed, shard_index, shard_cou
         f"tokenizer has {tokenizer.vocab_size} tokens but config.model.vocab_size="
         f"{config.model.vocab_size}: raise config.model.vocab_size to at least "
         f"{tokenizer.vocab_size} (or lower config.data's vocab size)")
+  return tokenizer
+
+
+def _lm_data(config, workdir, *, split, batch_size, seed, shard_index, shard_count):
+  from kat_jax.data import pipeline
+  tokenizer = _tokenizer(config, workdir)
   it = pipeline.make_lm_iterator(config.data, tokenizer, split=split, batch_size=batch_size,
                                  seq_len=config.train.seq_len, seed=seed,
                                  shard_index=shard_index, shard_count=shard_count)
   return it, tokenizer
 
 
+def _sft_tree_data(config, workdir, *, split, batch_size, seed, shard_index, shard_count):
+  from kat_jax.tree.sft_data import TreeSFTIterator
+  del shard_count
+  tokenizer = _tokenizer(config, workdir)
+  it = TreeSFTIterator(config.tree, tokenizer, split="heldout" if split == "eval" else split,
+                       batch_size=batch_size, seed=seed, shard_index=shard_index)
+  return it, tokenizer
+
+
 register(Stage("synthetic", loss="lm", make_data=_synthetic_data))
+register(Stage("sft_tree", loss="tree", make_data=_sft_tree_data))
 register(Stage("midtrain", loss="lm", make_data=_lm_data))
