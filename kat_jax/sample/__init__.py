@@ -1,0 +1,18 @@
+"""KV-cache sampler: batched, jitted, sharded generation with per-token log-probs and entropies.
+
+    from kat_jax.sample import Sampler, SamplingConfig
+    out = Sampler(model, params, max_len=512).generate(prompts, jax.random.key(0),
+                                                       SamplingConfig(temperature=0.7))
+
+``distribution`` defines the sampling distribution (temperature, top-k, top-p, greedy), ``decode``
+the pure prefill + decode-loop core (for RL rollouts), ``sampler`` the host-side driver (padding,
+sharding, stop strings, results as numpy).
+"""
+from kat_jax.sample.decode import DecodeState, decode_steps, generate_ids, prefill
+from kat_jax.sample.distribution import (SamplingConfig, entropy, filtered_logits,
+                                         sample_tokens, sampling_log_probs)
+from kat_jax.sample.sampler import SampleOutput, Sampler, cut_at_stop_string
+
+__all__ = ["DecodeState", "SampleOutput", "Sampler", "SamplingConfig", "cut_at_stop_string",
+           "decode_steps", "entropy", "filtered_logits", "generate_ids", "prefill",
+           "sample_tokens", "sampling_log_probs"]

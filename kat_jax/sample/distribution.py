@@ -1,0 +1,103 @@
+"""The sampling distribution of one decode step: temperature, top-k, top-p (nucleus) and greedy.
+
+Pure jittable functions of ``logits_bv`` (the model's float32 logits for the next token of each
+row) and a static ``SamplingConfig``::
+
+    logprobs_bv = sampling_log_probs(logits_bv, config)   # log pi(v); -inf outside the allowed set
+    token_b = sample_tokens(keys_b, logits_bv, logprobs_bv, config)
+    entropy_b = entropy(logprobs_bv)
+
+**Which distribution.** ``pi`` is the distribution tokens are actually drawn from:
+``softmax(logits / temperature)`` restricted to the allowed set and renormalized, where the allowed
+set is (1) the top-k tokens by logit (ties with the k-th largest logit are kept, so the set may
+exceed k), then (2) among those, the smallest prefix by descending probability whose mass is
+``>= top_p`` (computed on the tempered, top-k-renormalized probabilities; again ties at the
+cut-off are kept; the most probable token is always kept). Log-probs and entropies reported by the
+sampler are those of ``pi``. Greedy decoding (``temperature == 0``) takes the argmax of the raw
+logits; its point mass would carry no information, so for greedy the reported log-probs and
+entropies are those of ``pi`` at temperature 1 (with the same top-k/top-p filtering) — with no
+filtering that is the model's own ``log_softmax(logits)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to sample (static under jit: one compiled program per distinct config).
+
+  ``stop_token_ids``: generation of a row ends after it produced one of them (the stop token is
+  kept in the output). ``stop_strings``: it ends after the first token whose decoded prefix contains
+  one of them (checked on the host every ``stop_check_every`` tokens; needs a tokenizer).
+  """
+  temperature: float = 1.0          # 0: greedy (argmax)
+  top_k: int = 0                    # 0: no top-k filtering
+  top_p: float = 1.0                # 1: no nucleus filtering
+  max_new_tokens: int = 256
+  stop_token_ids: tuple[int, ...] = ()
+  stop_strings: tuple[str, ...] = ()
+  stop_check_every: int = 32        # decode tokens between host stop-string checks
+
+  def __post_init__(self):
+    object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+    object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+    if not self.temperature >= 0.0:
+      raise ValueError(f"SamplingConfig.temperature={self.temperature} must be >= 0 (0 = greedy)")
+    if self.top_k < 0:
+      raise ValueError(f"SamplingConfig.top_k={self.top_k} must be >= 0 (0 = off)")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingConfig.top_p={self.top_p} must lie in (0, 1] (1 = off)")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens} must be >= 1")
+    if self.stop_check_every < 1:
+      raise ValueError(f"SamplingConfig.stop_check_every={self.stop_check_every} must be >= 1")
+    empty = [s for s in self.stop_strings if not isinstance(s, str) or not s]
+    if empty:
+      raise ValueError(f"SamplingConfig.stop_strings must be non-empty strings, got {empty!r}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+
+def filtered_logits(logits_bv: jax.Array, config: SamplingConfig) -> jax.Array:
+  """Tempered logits with every token outside the allowed set at -inf (see the module docstring)."""
+  logits_bv = logits_bv.astype(jnp.float32)
+  if not config.greedy and config.temperature != 1.0:
+    logits_bv = logits_bv / jnp.float32(config.temperature)
+  vocab = logits_bv.shape[-1]
+  if 0 < config.top_k < vocab:
+    kth_b1 = jax.lax.top_k(logits_bv, config.top_k)[0][:, -1:]
+    logits_bv = jnp.where(logits_bv >= kth_b1, logits_bv, -jnp.inf)
+  if config.top_p < 1.0:
+    sorted_bv = -jnp.sort(-logits_bv, axis=-1)                        # descending
+    probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+    mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+    keep_bv = mass_before_bv < jnp.float32(config.top_p)              # index 0 is always kept
+    num_kept_b1 = jnp.sum(keep_bv, axis=-1, keepdims=True)
+    cutoff_b1 = jnp.take_along_axis(sorted_bv, num_kept_b1 - 1, axis=-1)
+    logits_bv = jnp.where(logits_bv >= cutoff_b1, logits_bv, -jnp.inf)
+  return logits_bv
+
+
+def sampling_log_probs(logits_bv: jax.Array, config: SamplingConfig) -> jax.Array:
+  """log pi(v) for every token v: [B, V] float32, -inf outside the allowed set."""
+  return jax.nn.log_softmax(filtered_logits(logits_bv, config), axis=-1)
+
+
+def entropy(logprobs_bv: jax.Array) -> jax.Array:
+  """Entropy in nats of each row's distribution ([B]); -inf log-probs contribute 0."""
+  probs_bv = jnp.exp(logprobs_bv)
+  return -jnp.sum(jnp.where(probs_bv > 0, probs_bv * logprobs_bv, 0.0), axis=-1)
+
+
+def sample_tokens(keys_b: jax.Array, logits_bv: jax.Array, logprobs_bv: jax.Array,
+                  config: SamplingConfig) -> jax.Array:
+  """One token per row: argmax of the raw logits (greedy), else a draw from pi with the row's key."""
+  if config.greedy:
+    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  return jax.vmap(jax.random.categorical)(keys_b, logprobs_bv).astype(jnp.int32)
