@@ -29,9 +29,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.tokenizer_max_sentences = 100_000  # sampled multi-line chunks; bounds training time
   config.tokenizer_lines_per_sentence = 4
 
-  # Packing of documents into [batch, seq_len] rows: 'split' cuts a document that does not fit at the
-  # row end and continues it in the next row (no padding); 'pad' pads the row instead when the document
-  # would fit a fresh row (documents longer than a row are still split).
+  # Packing of documents into [batch, seq_len] rows. Each row packs its own documents (drawn from the
+  # mixture in row order), so a batch's rows hold different documents. 'split' cuts a document that
+  # does not fit at the row end and continues it in the same row of the next batch (no padding);
+  # 'pad' pads the row instead when the document would fit a whole row (longer ones are still split).
   config.packing = "split"
   config.prefetch_documents = 32  # per stream, tokenized ahead on worker threads
   config.num_threads = 2

@@ -14,7 +14,8 @@ Each mixture stream is a grain ``MapDataset``: corpus split (TFDS array_record s
 shard (``[shard_index::shard_count]``) → ``shuffle(seed)`` → ``repeat()`` (grain reshuffles every
 epoch with a per-epoch seed) → ``map_with_index(to Document)`` (render, optional FIM, tokenize, EOS).
 Because the stream is random-access, its position is one integer; the iterator's state is those
-integers, the document being packed and its offset, and the mixture's token counts.
+integers, each row's document in progress and its offset, and the mixture's token counts. Rows pack
+independently (row-level mixing, see ``LMIterator``), so a batch's rows hold different documents.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from kat_jax.data.corpora import source_code
 
 SPLITS = common.SPLITS
 _FIM_LOCK = threading.Lock()
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 class Document(NamedTuple):
@@ -366,6 +367,16 @@ def make_streams(data_config, tokenizer, *, split: str, seed: int, shard_index: 
 # ------------------------------------------------------------------------------------------ packing
 
 
+class DocumentPiece(NamedTuple):
+  """Where a run of packed tokens came from: tokens ``[start, start + length)`` of document
+  ``index`` of stream ``stream``, placed at columns ``[column, column + length)`` of its row."""
+  stream: str
+  index: int
+  start: int
+  length: int
+  column: int
+
+
 class LMIterator:
   """Infinite iterator of packed LM batches over a token-weighted mixture of document streams.
 
@@ -376,8 +387,16 @@ class LMIterator:
     segment_ids int32    1, 2, ... per document piece in the row; 0 on padding
     weights     float32  loss weight of ``targets``: the document's loss mask where the target is a
                          real next token, 0 at each document's last token and on padding
-  A document cut at a row end continues at the start of a later row (new segment, positions from 0);
-  the last token before the cut still has its real next token as target.
+
+  Row-level mixing: every row is its own packing lane with a cursor (document, offset). A row fills
+  its ``seq_len`` slots from its cursor's document; when that document ends the row draws the next
+  document from the shared mixture (streams chosen by ``TokenMixture``, each stream read in its
+  shuffled order). Rows draw in row order, so the rows of a batch hold different documents: a
+  10k-token file occupies one row over many batches instead of a whole batch. A document cut at the
+  row end continues at column 0 of the *same row of the next batch* (new segment, positions from 0:
+  positions stay below ``seq_len``, the lengths the model is trained on; no attention crosses batches
+  anyway). The last token before the cut still has its real next token as target.
+  ``last_batch_pieces()`` says which document pieces the latest batch holds.
   """
 
   def __init__(self, streams: Mapping[str, Stream], weights: Mapping[str, float], *,
@@ -401,9 +420,15 @@ class LMIterator:
 
   def _reset_position(self):
     self._next_index = {name: 0 for name in self._mixture.names}
-    self._current: Optional[tuple[str, int, int]] = None  # (stream, index, offset)
-    self._current_document: Optional[Document] = None
+    # Per row: (stream, index, offset) of the document it is packing, None when it needs a new one.
+    self._rows: list[Optional[tuple[str, int, int]]] = [None] * self.batch_size
+    self._row_documents: list[Optional[Document]] = [None] * self.batch_size
+    # Documents in progress that a restored state had no row for (it had more rows); rows take these
+    # before drawing new documents.
+    self._pending: list[tuple[str, int, int]] = []
+    self._last_pieces: tuple[tuple[DocumentPiece, ...], ...] = ()
     self._counters = {"batches": 0, "padding": 0, "loss_tokens": 0, "fim_tokens": 0,
+                      "batch_documents": 0,
                       **{f"tokens/{n}": 0 for n in self._mixture.names},
                       **{f"documents/{n}": 0 for n in self._mixture.names}}
 
@@ -421,22 +446,31 @@ class LMIterator:
       futures.pop(stale).cancel()
     return futures.pop(index).result()
 
-  def _take_document(self) -> tuple[str, Document, int]:
-    if self._current is None:
-      name = self._mixture.choose()
-      index = self._next_index[name]
-      self._next_index[name] = index + 1
-      document = self._load(name, index)
-      self._mixture.record(name, len(document.ids))
-      self._counters[f"documents/{name}"] += 1
-      for key, count in (document.fim_stats or {}).items():
-        self._counters[f"fim/{key}"] = self._counters.get(f"fim/{key}", 0) + int(count)
-      self._current = (name, index, 0)
-      self._current_document = document
-    elif self._current_document is None:  # restored from a state: fetch the document again
-      name, index, _ = self._current
-      self._current_document = self._load(name, index)
-    return self._current[0], self._current_document, self._current[2]
+  def _draw_document(self) -> tuple[tuple[str, int, int], Document]:
+    """The cursor and document of the next document of the mixture (offset 0), or of a pending
+    document in progress from a restored state."""
+    if self._pending:
+      cursor = self._pending.pop(0)
+      return cursor, self._streams[cursor[0]].documents[cursor[1]]
+    name = self._mixture.choose()
+    index = self._next_index[name]
+    self._next_index[name] = index + 1
+    document = self._load(name, index)
+    self._mixture.record(name, len(document.ids))
+    self._counters[f"documents/{name}"] += 1
+    for key, count in (document.fim_stats or {}).items():
+      self._counters[f"fim/{key}"] = self._counters.get(f"fim/{key}", 0) + int(count)
+    return (name, index, 0), document
+
+  def _row_document(self, row: int) -> tuple[tuple[str, int, int], Document]:
+    """The cursor and document of ``row``, drawing a new document when the row has none."""
+    if self._rows[row] is None:
+      self._rows[row], self._row_documents[row] = self._draw_document()
+    elif self._row_documents[row] is None:  # restored from a state: rebuild the document
+      name, index, _ = self._rows[row]
+      # Directly, not through the prefetch queue, which runs ahead of the newest draw.
+      self._row_documents[row] = self._streams[name].documents[index]
+    return self._rows[row], self._row_documents[row]
 
   # -- batches
 
@@ -450,15 +484,16 @@ class LMIterator:
     positions = np.zeros(shape, np.int32)
     segment_ids = np.zeros(shape, np.int32)
     weights = np.zeros(shape, np.float32)
+    pieces_by_row = []
     for row in range(self.batch_size):
-      filled, segment = 0, 0
+      filled, segment, pieces = 0, 0, []
       while filled < self.seq_len:
-        name, document, offset = self._take_document()
+        (name, index, offset), document = self._row_document(row)
         length = len(document.ids)
         remaining = length - offset
         space = self.seq_len - filled
         if self.packing == "pad" and filled > 0 and space < remaining <= self.seq_len:
-          break  # pad the rest of this row; the document starts the next one
+          break  # pad the rest of this row; the document starts this row in the next batch
         n = min(remaining, space)
         segment += 1
         cols = slice(filled, filled + n)
@@ -470,33 +505,51 @@ class LMIterator:
         targets[row, filled:filled + num_targets] = document.ids[offset + 1:offset + 1 + num_targets]
         weights[row, filled:filled + num_targets] = document.loss_mask[
             offset + 1:offset + 1 + num_targets]
+        pieces.append(DocumentPiece(name, index, offset, n, filled))
         self._counters[f"tokens/{name}"] += n
         if document.fim:
           self._counters["fim_tokens"] += n
         filled += n
         if offset + n == length:
-          self._current, self._current_document = None, None
+          self._rows[row], self._row_documents[row] = None, None
         else:
-          self._current = (name, self._current[1], offset + n)
+          self._rows[row] = (name, index, offset + n)
       self._counters["padding"] += self.seq_len - filled
+      pieces_by_row.append(tuple(pieces))
+    self._last_pieces = tuple(pieces_by_row)
     self._counters["batches"] += 1
     self._counters["loss_tokens"] += int(np.count_nonzero(weights))
+    self._counters["batch_documents"] += len({(p.stream, p.index) for row in pieces_by_row
+                                              for p in row})
     return {"inputs": inputs, "targets": targets, "positions": positions,
             "segment_ids": segment_ids, "weights": weights}
+
+  def last_batch_pieces(self) -> tuple[tuple[DocumentPiece, ...], ...]:
+    """Per row of the latest batch, the document pieces it holds, left to right (debugging, tests)."""
+    return self._last_pieces
 
   # -- checkpointing
 
   def get_state(self) -> dict:
-    """JSON-serializable position: per-stream next index, the document in progress, counters."""
+    """JSON-serializable position: per-stream next index, each row's document in progress (and any
+    pending ones), the mixture's token counts and the counters."""
     return {"version": _STATE_VERSION, "next_index": dict(self._next_index),
-            "current": list(self._current) if self._current is not None else None,
+            "rows": [list(cursor) if cursor is not None else None for cursor in self._rows],
+            "pending": [list(cursor) for cursor in self._pending],
             "mixture": self._mixture.get_state(), "counters": dict(self._counters),
             "shape": [self.batch_size, self.seq_len], "packing": self.packing}
 
   def set_state(self, state: Mapping) -> None:
-    if state.get("version") != _STATE_VERSION:
-      raise ValueError(f"data iterator state version {state.get('version')!r} is not "
-                       f"{_STATE_VERSION}; it was written by an incompatible kat_jax version.")
+    """Continues exactly where ``state`` (from ``get_state``) was taken.
+
+    A version-1 state (sequential packing, one document in progress) resumes with that document in
+    row 0. A state with another batch size keeps the document order: rows beyond this batch size
+    hand their documents in progress to the first rows that need a new one.
+    """
+    version = state.get("version")
+    if version not in (1, _STATE_VERSION):
+      raise ValueError(f"data iterator state version {version!r} is not {_STATE_VERSION} (or 1); "
+                       "it was written by an incompatible kat_jax version.")
     if sorted(state["next_index"]) != sorted(self._mixture.names):
       raise ValueError(f"data state has streams {sorted(state['next_index'])} but the config mixes "
                        f"{sorted(self._mixture.names)}; resume with the same data.mixture.")
@@ -510,9 +563,16 @@ class LMIterator:
         future.cancel()
       futures.clear()
     self._next_index = {name: int(i) for name, i in state["next_index"].items()}
-    current = state["current"]
-    self._current = (str(current[0]), int(current[1]), int(current[2])) if current else None
-    self._current_document = None
+    to_cursor = lambda c: (str(c[0]), int(c[1]), int(c[2])) if c is not None else None
+    if version == 1:
+      saved_rows, pending = [state["current"]], []
+    else:
+      saved_rows, pending = state["rows"], state["pending"]
+    saved_rows = [to_cursor(c) for c in saved_rows]
+    self._rows = (saved_rows + [None] * self.batch_size)[:self.batch_size]
+    surplus = [c for c in saved_rows[self.batch_size:] if c is not None]
+    self._pending = surplus + [to_cursor(c) for c in pending]
+    self._row_documents = [None] * self.batch_size
     self._mixture.set_state(state["mixture"])
     self._counters.update({k: int(v) for k, v in state["counters"].items()})
 
@@ -529,7 +589,8 @@ class LMIterator:
     """Realized mixture since the start of training (keys without a ``data/`` prefix; the trainer
     adds it): ``token_fraction/<stream>``, ``target_fraction/<stream>``, ``padding_fraction``,
     ``loss_token_fraction``, ``fim_token_fraction``, ``fim/<FimStats field>``, ``documents/<stream>``,
-    ``tokens_seen``, ``skipped/<corpus>/<reason>``."""
+    ``documents_per_batch`` (mean number of distinct documents in a batch), ``tokens_seen``,
+    ``skipped/<corpus>/<reason>``."""
     counters = self._counters
     placed = sum(counters[f"tokens/{n}"] for n in self._mixture.names)
     total = placed + counters["padding"]
@@ -540,6 +601,7 @@ class LMIterator:
     result["loss_token_fraction"] = counters["loss_tokens"] / max(total, 1)
     result["fim_token_fraction"] = counters["fim_tokens"] / max(placed, 1)
     result["tokens_seen"] = float(total)
+    result["documents_per_batch"] = counters["batch_documents"] / max(counters["batches"], 1)
     for n in self._mixture.names:
       result[f"documents/{n}"] = float(counters[f"documents/{n}"])
     for key, count in counters.items():

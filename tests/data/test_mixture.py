@@ -125,12 +125,18 @@ def _classify(text):
 
 
 def _documents(batches, eos_id):
-  """(token ids incl. EOS, weights) of each complete document in the packed stream."""
-  tokens = np.concatenate([b["inputs"][b["segment_ids"] > 0] for b in batches])
-  weights = np.concatenate([b["weights"][b["segment_ids"] > 0] for b in batches])
-  ends = np.flatnonzero(tokens == eos_id)
-  starts = np.concatenate([[0], ends[:-1] + 1])
-  return [(tokens[s:e + 1], weights[s:e + 1]) for s, e in zip(starts, ends)]
+  """(token ids incl. EOS, weights) of each complete document in the packed stream: each row's real
+  tokens over consecutive batches (a row continues its document in the same row of the next batch),
+  cut at EOS."""
+  documents = []
+  for row in range(batches[0]["inputs"].shape[0]):
+    real = [b["segment_ids"][row] > 0 for b in batches]
+    tokens = np.concatenate([b["inputs"][row][m] for b, m in zip(batches, real)])
+    weights = np.concatenate([b["weights"][row][m] for b, m in zip(batches, real)])
+    ends = np.flatnonzero(tokens == eos_id)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    documents += [(tokens[s:e + 1], weights[s:e + 1]) for s, e in zip(starts, ends)]
+  return documents
 
 
 def test_mixture_proportions_loss_masks_and_metrics(mixture_setup):

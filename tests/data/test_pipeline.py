@@ -81,11 +81,49 @@ def assert_packing_invariants(batch, eos_id, pad_id):
 
 
 def document_stream(batches, eos_id):
-  """Concatenates the real tokens of consecutive batches and cuts them at EOS."""
-  tokens = np.concatenate([b["inputs"][b["segment_ids"] > 0] for b in batches])
-  ends = np.flatnonzero(tokens == eos_id)
-  return [tokens[start + 1 if i else 0:end] for i, (start, end) in
-          enumerate(zip(np.concatenate([[0], ends[:-1]]), ends))]
+  """Each row's real tokens concatenated over consecutive batches (a row continues its document in
+  the same row of the next batch), cut at EOS: the complete documents, without their EOS."""
+  documents = []
+  for row in range(batches[0]["inputs"].shape[0]):
+    tokens = np.concatenate([b["inputs"][row][b["segment_ids"][row] > 0] for b in batches])
+    ends = np.flatnonzero(tokens == eos_id)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    documents += [tokens[start:end] for start, end in zip(starts, ends)]
+  return documents
+
+
+def next_batches(iterator, count):
+  """``count`` batches and, for each, ``iterator.last_batch_pieces()``."""
+  batches, pieces = [], []
+  for _ in range(count):
+    batches.append(next(iterator))
+    pieces.append(iterator.last_batch_pieces())
+  return batches, pieces
+
+
+def assemble_documents(batches, pieces, seq_len):
+  """{(stream, index): token ids} from the reported pieces, checking where each piece lies: pieces
+  tile each row left to right, and a document's next piece is at column 0 of the same row of the
+  next batch, continuing at the token where the previous piece stopped."""
+  documents, last_seen = {}, {}
+  for b, (batch, batch_pieces) in enumerate(zip(batches, pieces)):
+    for row, row_pieces in enumerate(batch_pieces):
+      column = 0
+      for piece in row_pieces:
+        assert piece.column == column and piece.length > 0
+        key = (piece.stream, piece.index)
+        ids = batch["inputs"][row, piece.column:piece.column + piece.length]
+        if piece.start == 0:
+          assert key not in documents
+          documents[key] = ids
+        else:
+          assert last_seen[key] == (b - 1, row) and piece.column == 0, (key, piece)
+          assert len(documents[key]) == piece.start
+          documents[key] = np.concatenate([documents[key], ids])
+        last_seen[key] = (b, row)
+        column += piece.length
+      assert column == int((batch["segment_ids"][row] > 0).sum()) <= seq_len
+  return documents
 
 
 @pytest.mark.parametrize("packing", ["split", "pad"])
@@ -94,34 +132,73 @@ def test_packing_invariants_and_documents_intact(data_config, tokenizer, packing
   config.packing = packing
   iterator = pipeline.make_lm_iterator(config, tokenizer, split="train", batch_size=3,
                                        seq_len=256, seed=1)
-  batches = [next(iterator) for _ in range(80)]
+  batches, pieces = next_batches(iterator, 80)
   for batch in batches:
     assert_packing_invariants(batch, tokenizer.eos_id, tokenizer.pad_id)
-  # A cut document continues in the next row: the target before the cut is the next row's first
-  # input.
-  flat = [(b, r) for b in batches for r in range(b["inputs"].shape[0])]
-  for (batch, row), (next_batch, next_row) in zip(flat, flat[1:]):
-    real = batch["segment_ids"][row] > 0
-    last = np.flatnonzero(real)[-1]
-    if batch["inputs"][row, last] != tokenizer.eos_id:
-      assert packing == "split" or last == batch["inputs"].shape[1] - 1
-      assert batch["weights"][row, last] == 1
-      assert batch["targets"][row, last] == next_batch["inputs"][next_row, 0]
-  # Decoding the packed stream gives back whole corpus files, in a shuffled order.
+  # A cut document continues in the same row of the next batch: the target before the cut is that
+  # row's first input.
+  for batch, next_batch in zip(batches, batches[1:]):
+    for row in range(batch["inputs"].shape[0]):
+      last = np.flatnonzero(batch["segment_ids"][row] > 0)[-1]
+      if batch["inputs"][row, last] != tokenizer.eos_id:
+        assert packing == "split" or last == batch["inputs"].shape[1] - 1
+        assert batch["weights"][row, last] == 1
+        assert batch["targets"][row, last] == next_batch["inputs"][row, 0]
+  # The pieces reassemble into whole corpus files; drawn in a shuffled order, each file once per
+  # epoch.
   texts = set(corpus_documents(config, "train"))
-  decoded = [tokenizer.decode(doc) for doc in document_stream(batches, tokenizer.eos_id)]
-  assert len(decoded) > len(texts)  # more than an epoch
+  documents = assemble_documents(batches, pieces, 256)
+  complete = {key: ids for key, ids in documents.items() if ids[-1] == tokenizer.eos_id}
+  assert len(documents) - len(complete) <= 3  # at most one unfinished document per row
+  decoded = [tokenizer.decode(complete[key][:-1]) for key in sorted(complete)]
+  assert sorted(complete)[:2 * len(texts)] == [("code", i) for i in range(2 * len(texts))]
   assert all(text in texts for text in decoded)
   assert set(decoded[:len(texts)]) == texts  # first epoch: each file exactly once
   assert decoded[:len(texts)] != decoded[len(texts):2 * len(texts)]  # reshuffled next epoch
+  # The rows' own token streams hold the same documents.
+  row_decoded = [tokenizer.decode(ids) for ids in document_stream(batches, tokenizer.eos_id)]
+  assert sorted(row_decoded) == sorted(decoded)
   metrics = iterator.metrics()
   assert metrics["token_fraction/code"] == 1.0
+  assert metrics["documents_per_batch"] == pytest.approx(
+      np.mean([len({(p.stream, p.index) for row in bp for p in row}) for bp in pieces]))
   if packing == "split":
     assert metrics["padding_fraction"] == 0.0
   else:
     padding = sum(int((b["segment_ids"] == 0).sum()) for b in batches) / (80 * 3 * 256)
     assert padding > 0
     assert metrics["padding_fraction"] == pytest.approx(padding)
+
+
+@pytest.mark.parametrize("packing", ["split", "pad"])
+def test_rows_of_a_batch_hold_different_long_documents(data_config, tokenizer, packing):
+  """Documents much longer than a row: each row continues its own document over many batches, so
+  every batch holds batch_size different documents (sequential packing would fill a whole batch
+  from one or two files)."""
+  config = data_config.copy_and_resolve_references()
+  config.packing = packing
+  batch_size, seq_len = 4, 16
+  iterator = pipeline.make_lm_iterator(config, tokenizer, split="train", batch_size=batch_size,
+                                       seq_len=seq_len, seed=2)
+  batches, pieces = next_batches(iterator, 60)
+  num_files = len(corpus_documents(config, "train"))
+  for batch_pieces in pieces:
+    assert len({(p.stream, p.index) for row in batch_pieces for p in row}) >= min(batch_size,
+                                                                               num_files)
+  assert iterator.metrics()["documents_per_batch"] >= batch_size
+  # Row r's content over consecutive batches is its documents, one after the other: the first
+  # batch starts batch_size different files, seen in their path headers.
+  documents = assemble_documents(batches, pieces, seq_len)
+  first = [tokenizer.decode(documents[(p.stream, p.index)]) for p in
+           (row[0] for row in pieces[0])]
+  paths = [text.split("\n", 1)[0] for text in first]
+  assert all(path.startswith("# path: pkg") for path in paths) and len(set(paths)) == batch_size
+  for row in range(batch_size):
+    row_tokens = np.concatenate([b["inputs"][row][b["segment_ids"][row] > 0] for b in batches])
+    row_keys = list(dict.fromkeys((p.stream, p.index) for bp in pieces for p in bp[row]))
+    np.testing.assert_array_equal(row_tokens, np.concatenate([documents[k] for k in row_keys]))
+    assert all(documents[k][-1] == tokenizer.eos_id for k in row_keys[:-1])
+    assert row_keys == sorted(row_keys)  # rows draw from the shared stream in order
 
 
 @pytest.mark.parametrize("packing", ["split", "pad"])
@@ -151,6 +228,49 @@ def test_resume_mid_epoch_gives_identical_batches(data_config, tokenizer, packin
   assert resumed.metrics() == original.metrics()
 
 
+def test_resume_with_another_batch_size_continues_every_document(data_config, tokenizer):
+  make = lambda batch_size: pipeline.make_lm_iterator(data_config, tokenizer, split="train",
+                                                      batch_size=batch_size, seq_len=48, seed=4)
+  original = make(3)
+  for _ in range(7):
+    next(original)
+  state = json.loads(json.dumps(original.get_state()))
+  in_progress = [tuple(cursor) for cursor in state["rows"] if cursor is not None]
+  assert len(in_progress) >= 2
+  resumed = make(1)  # one row: the other rows' documents wait as pending, then follow in order
+  resumed.set_state(state)
+  _, pieces = next_batches(resumed, 40)
+  first_pieces = {}  # (stream, index) -> the offset the document resumed or started at
+  for p in (p for bp in pieces for p in bp[0]):
+    first_pieces.setdefault((p.stream, p.index), p.start)
+  starts = [(stream, index, start) for (stream, index), start in first_pieces.items()]
+  assert starts[:len(in_progress)] == in_progress
+  next_index = state["next_index"]["code"]
+  assert starts[len(in_progress):] == [("code", i, 0) for i in range(
+      next_index, next_index + len(starts) - len(in_progress))]
+
+
+def test_version_1_state_resumes_its_document_in_row_0(data_config, tokenizer):
+  """With one row, row-level packing is the old sequential packing, so a version-1 state made from
+  a one-row state continues identically."""
+  make = lambda: pipeline.make_lm_iterator(data_config, tokenizer, split="train", batch_size=1,
+                                           seq_len=40, seed=6)
+  original = make()
+  for _ in range(9):
+    next(original)
+  state = original.get_state()
+  assert state["rows"][0] is not None and not state["pending"]
+  old_state = {"version": 1, "next_index": state["next_index"], "current": state["rows"][0],
+               "mixture": state["mixture"], "counters": state["counters"],
+               "shape": state["shape"], "packing": state["packing"]}
+  resumed = make()
+  resumed.set_state(json.loads(json.dumps(old_state)))
+  for _ in range(8):
+    np.testing.assert_array_equal(next(resumed)["inputs"], next(original)["inputs"])
+  with pytest.raises(ValueError, match="state version 0"):
+    resumed.set_state(dict(state, version=0))
+
+
 def test_seed_changes_order(data_config, tokenizer):
   batch = lambda seed: next(pipeline.make_lm_iterator(data_config, tokenizer, split="train",
                                                       batch_size=2, seq_len=64, seed=seed))
@@ -171,7 +291,7 @@ def test_splits_are_disjoint_and_cover_the_corpus(data_config, corpus_root):
 
 def test_eval_iterator_reads_only_eval_documents(data_config, tokenizer):
   iterator = pipeline.make_lm_iterator(data_config, tokenizer, split="eval", batch_size=2,
-                                       seq_len=64, seed=0)
+                                       seq_len=256, seed=0)
   batches = [next(iterator) for _ in range(10)]
   eval_texts = set(corpus_documents(data_config, "eval"))
   decoded = {tokenizer.decode(d) for d in document_stream(batches, tokenizer.eos_id)}
@@ -182,7 +302,7 @@ def test_shards_are_disjoint(data_config, tokenizer):
   seen = []
   for shard in range(2):
     iterator = pipeline.make_lm_iterator(data_config, tokenizer, split="train", batch_size=2,
-                                         seq_len=64, seed=0, shard_index=shard, shard_count=2)
+                                         seq_len=256, seed=0, shard_index=shard, shard_count=2)
     batches = [next(iterator) for _ in range(15)]
     seen.append({tokenizer.decode(d) for d in document_stream(batches, tokenizer.eos_id)})
   assert seen[0] and seen[1] and not seen[0] & seen[1]
