@@ -9,14 +9,15 @@ row) and a static ``SamplingConfig``::
 
 **Which distribution.** ``pi`` is the distribution tokens are actually drawn from:
 ``softmax(logits / temperature)`` restricted to the allowed set and renormalized, where the allowed
-set is (1) the top-k tokens by logit (ties with the k-th largest logit are kept, so the set may
-exceed k), then (2) among those, the smallest prefix by descending probability whose mass is
-``>= top_p`` (computed on the tempered, top-k-renormalized probabilities; again ties at the
-cut-off are kept; the most probable token is always kept). Log-probs and entropies reported by the
-sampler are those of ``pi``. Greedy decoding (``temperature == 0``) takes the argmax of the raw
-logits; its point mass would carry no information, so for greedy the reported log-probs and
-entropies are those of ``pi`` at temperature 1 (with the same top-k/top-p filtering) — with no
-filtering that is the model's own ``log_softmax(logits)``.
+set is (0) the ids below ``vocab_limit`` (if set), (1) of those the top-k tokens by logit (ties
+with the k-th largest logit are kept, so the set may exceed k), then (2) among those, the
+smallest prefix by descending probability whose mass is ``>= top_p`` (computed on the tempered,
+top-k-renormalized probabilities; again ties at the cut-off are kept; the most probable token is
+always kept). Log-probs and entropies reported by the sampler are those of ``pi``. Greedy
+decoding (``temperature == 0``) takes the argmax of the raw logits (below ``vocab_limit``); its
+point mass would carry no information, so for greedy the reported log-probs and entropies are
+those of ``pi`` at temperature 1 (with the same top-k/top-p filtering) — with no filtering that is
+the model's own ``log_softmax(logits)``.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ class SamplingConfig:
   stop_token_ids: tuple[int, ...] = ()
   stop_strings: tuple[str, ...] = ()
   stop_check_every: int = 32        # decode tokens between host stop-string checks
+  vocab_limit: int = 0              # > 0: only ids < vocab_limit (a tokenizer smaller than the
+                                    # model's embedding table); 0: every id
 
   def __post_init__(self):
     object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -53,6 +56,8 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.top_p={self.top_p} must lie in (0, 1] (1 = off)")
     if self.max_new_tokens < 1:
       raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens} must be >= 1")
+    if self.vocab_limit < 0:
+      raise ValueError(f"SamplingConfig.vocab_limit={self.vocab_limit} must be >= 0 (0 = off)")
     if self.stop_check_every < 1:
       raise ValueError(f"SamplingConfig.stop_check_every={self.stop_check_every} must be >= 1")
     empty = [s for s in self.stop_strings if not isinstance(s, str) or not s]
@@ -64,9 +69,18 @@ class SamplingConfig:
     return self.temperature == 0.0
 
 
+def restrict_vocab(logits_bv: jax.Array, config: SamplingConfig) -> jax.Array:
+  """float32 logits with ids >= ``config.vocab_limit`` at -inf (unchanged when the limit is 0)."""
+  logits_bv = logits_bv.astype(jnp.float32)
+  if 0 < config.vocab_limit < logits_bv.shape[-1]:
+    ids_v = jnp.arange(logits_bv.shape[-1])
+    logits_bv = jnp.where(ids_v < config.vocab_limit, logits_bv, -jnp.inf)
+  return logits_bv
+
+
 def filtered_logits(logits_bv: jax.Array, config: SamplingConfig) -> jax.Array:
   """Tempered logits with every token outside the allowed set at -inf (see the module docstring)."""
-  logits_bv = logits_bv.astype(jnp.float32)
+  logits_bv = restrict_vocab(logits_bv, config)
   if not config.greedy and config.temperature != 1.0:
     logits_bv = logits_bv / jnp.float32(config.temperature)
   vocab = logits_bv.shape[-1]
@@ -99,5 +113,5 @@ def sample_tokens(keys_b: jax.Array, logits_bv: jax.Array, logprobs_bv: jax.Arra
                   config: SamplingConfig) -> jax.Array:
   """One token per row: argmax of the raw logits (greedy), else a draw from pi with the row's key."""
   if config.greedy:
-    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    return jnp.argmax(restrict_vocab(logits_bv, config), axis=-1).astype(jnp.int32)
   return jax.vmap(jax.random.categorical)(keys_b, logprobs_bv).astype(jnp.int32)

@@ -176,7 +176,8 @@ class Sampler:
     stop_ids = list(config.stop_token_ids)
     stop_ids = np.asarray(stop_ids + [-1] * (8 * max(1, math.ceil(len(stop_ids) / 8))
                                              - len(stop_ids)), np.int32)
-    dist = SamplingConfig(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+    dist = SamplingConfig(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                          vocab_limit=config.vocab_limit)
     decode_chunk = functools.partial(self._decode, self.params, config=dist,
                                      max_len=self.max_len)
     cut = {}                                        # row -> generated tokens kept (stop string)

@@ -9,10 +9,11 @@ from kat_jax.sample import distribution
 from kat_jax.sample.distribution import SamplingConfig
 
 
-def _reference_allowed(logits_v: np.ndarray, temperature: float, top_k: int, top_p: float):
+def _reference_allowed(logits_v: np.ndarray, temperature: float, top_k: int, top_p: float,
+                       vocab_limit: int = 0):
   """Allowed set and normalized probabilities, written the obvious way (python loops)."""
   scaled = logits_v.astype(np.float64) / temperature
-  order = sorted(range(len(scaled)), key=lambda v: -scaled[v])
+  order = sorted(range(vocab_limit or len(scaled)), key=lambda v: -scaled[v])
   allowed = set(order if top_k == 0 else order[:top_k])
   if top_p < 1.0:
     kept = [v for v in order if v in allowed]
@@ -32,16 +33,18 @@ def _reference_allowed(logits_v: np.ndarray, temperature: float, top_k: int, top
   return allowed, probs
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [
-    (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6), (0.5, 20, 0.9), (1.0, 1, 1.0), (2.0, 0, 0.05)])
-def test_filtered_distribution_matches_reference(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,vocab_limit", [
+    (1.0, 0, 1.0, 0), (0.7, 5, 1.0, 0), (1.3, 0, 0.6, 0), (0.5, 20, 0.9, 0), (1.0, 1, 1.0, 0),
+    (2.0, 0, 0.05, 0), (1.0, 4, 0.8, 30)])
+def test_filtered_distribution_matches_reference(temperature, top_k, top_p, vocab_limit):
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(6, 50)).astype(np.float32) * 3
-  config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+  config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                          vocab_limit=vocab_limit)
   logprobs = np.asarray(distribution.sampling_log_probs(jnp.asarray(logits), config))
   ent = np.asarray(distribution.entropy(jnp.asarray(logprobs)))
   for row in range(logits.shape[0]):
-    allowed, probs = _reference_allowed(logits[row], temperature, top_k, top_p)
+    allowed, probs = _reference_allowed(logits[row], temperature, top_k, top_p, vocab_limit)
     finite = set(np.flatnonzero(np.isfinite(logprobs[row])).tolist())
     assert finite == allowed
     np.testing.assert_allclose(np.exp(logprobs[row]), probs, atol=1e-6)
@@ -53,7 +56,7 @@ def test_filtered_distribution_matches_reference(temperature, top_k, top_p):
       jax.random.split(k, logits.shape[0]), jnp.asarray(logits), jnp.asarray(logprobs),
       config))(keys))                                                   # [4000, 6]
   for row in range(logits.shape[0]):
-    allowed, probs = _reference_allowed(logits[row], temperature, top_k, top_p)
+    allowed, probs = _reference_allowed(logits[row], temperature, top_k, top_p, vocab_limit)
     assert set(draws[:, row].tolist()) <= allowed
     freq = np.bincount(draws[:, row], minlength=logits.shape[1]) / draws.shape[0]
     np.testing.assert_allclose(freq, probs, atol=0.04)
@@ -64,9 +67,12 @@ def test_greedy_is_argmax_and_reports_the_untempered_distribution():
   config = SamplingConfig(temperature=0.0)
   logprobs = distribution.sampling_log_probs(logits, config)
   np.testing.assert_allclose(logprobs, jax.nn.log_softmax(logits), atol=1e-6)
-  tokens = distribution.sample_tokens(jax.random.split(jax.random.key(0), 4), logits, logprobs,
-                                      config)
+  keys = jax.random.split(jax.random.key(0), 4)
+  tokens = distribution.sample_tokens(keys, logits, logprobs, config)
   np.testing.assert_array_equal(tokens, np.argmax(np.asarray(logits), -1))
+  limited = SamplingConfig(temperature=0.0, vocab_limit=10)
+  tokens = distribution.sample_tokens(keys, logits, logprobs, limited)
+  np.testing.assert_array_equal(tokens, np.argmax(np.asarray(logits)[:, :10], -1))
 
 
 def test_config_errors_name_the_value():

@@ -1,0 +1,360 @@
+"""Evaluates a checkpoint: samples completions with the KV-cache sampler and prints pass@k tables.
+
+  python -m experiments.eval --config=configs/midtrain_tiny.py --workdir=DIR \
+      [--num_samples=10 --ks=1,10 --temperature=0.8 --max_new_tokens=256 --limit=20 \
+       --suites=humaneval,procedural --step=N]
+
+Restores the latest checkpoint in DIR (``kat_jax.train.loop.load_state``, on the config's mesh)
+and the tokenizer saved beside it (``DIR/tokenizer``), then for each suite:
+
+* ``humaneval``: prompt = the HumanEval prompt as a plain code completion; generation stops at
+  the usual HumanEval stop strings (a new top-level ``def``/``class``/``if``/``print``/comment) or
+  an end-of-text / end-of-turn token, which are cut from the completion; scored by
+  ``kat_jax.eval.humaneval`` (sandboxed, ``check(entry_point)`` in the judge).
+* ``procedural``: the held-out split of ``kat_jax.data.procedural`` (``config.data.procedural``'s
+  seed, levels, heldout fraction); prompt = ``chat.render_prompt`` of the task's conversation
+  without the assistant turn; generation stops at ``<|im_end|>``; the code is extracted from the
+  assistant text (first fenced block, else the whole text) and its function is called on every
+  test case in the sandbox (plain-data ``CallTest`` s, judged outside the program's process).
+
+Each prompt gets ``--num_samples`` samples (temperature 0 = greedy when one sample is drawn, unless
+``--temperature`` says otherwise); pass@k is the unbiased estimator averaged over tasks, for every k
+in ``--ks`` that is <= num_samples. The table is printed and written with every sample's
+completion and verdict to ``DIR/eval/step_<N>.json``.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import re
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# Codex/HumanEval stop sequences: the function body ends where a new top-level statement starts.
+HUMANEVAL_STOP_STRINGS = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#")
+SUITES = ("humaneval", "procedural")
+
+_FENCE = re.compile(r"```[ \t]*[\w+-]*[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+# ------------------------------------------------------------------------------------ scoring
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRecord:
+  """One completion and its verdict."""
+  completion: str                   # what was scored (HumanEval: the body; procedural: the code)
+  passed: bool
+  status: str                       # sandbox status (completed, load_error, timeout, ...)
+  tests_passed: int = 0
+  tests_total: int = 0
+  finish_reason: str = ""           # from the sampler (empty when scored without sampling)
+  num_tokens: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteResult:
+  suite: str
+  pass_at_k: dict                   # {"pass@k": mean over tasks}
+  tasks: dict                       # task_id -> list[SampleRecord] (sample order)
+  seconds: float = 0.0              # sandbox wall time
+
+  def to_dict(self) -> dict:
+    from kat_jax.eval.pass_at_k import pass_at_k
+    rows = []
+    for task_id, records in self.tasks.items():
+      n, correct = len(records), sum(r.passed for r in records)
+      row = {"task_id": task_id, "n": n, "correct": correct}
+      for key in self.pass_at_k:
+        row[key] = pass_at_k(n, correct, int(key.split("@")[1]))
+      row["samples"] = [dataclasses.asdict(r) for r in records]
+      rows.append(row)
+    return {"suite": self.suite, "num_tasks": len(self.tasks),
+            "num_samples": sum(len(r) for r in self.tasks.values()),
+            "num_passed": sum(r.passed for rs in self.tasks.values() for r in rs),
+            "pass_at_k": dict(self.pass_at_k), "sandbox_seconds": self.seconds, "tasks": rows}
+
+
+def extract_code(assistant_text: str) -> str:
+  """The code of an assistant turn: its first fenced block if it has one, else the whole text
+  (special-token strings removed either way)."""
+  from kat_jax.data import special_tokens
+  text = assistant_text
+  for special in (special_tokens.IM_END, special_tokens.END_OF_TEXT):
+    index = text.find(special)
+    if index >= 0:
+      text = text[:index]
+  match = _FENCE.search(text)
+  return match.group(1) if match else text
+
+
+def humaneval_completion(text: str) -> str:
+  """A sampled continuation of a HumanEval prompt, cut at the first stop string or special token."""
+  from kat_jax.data import special_tokens
+  from kat_jax.sample import cut_at_stop_string
+  return cut_at_stop_string(text, HUMANEVAL_STOP_STRINGS + special_tokens.ALL)
+
+
+def procedural_job(task, code: str, job_id: str = ""):
+  """Sandbox job calling the task's function on each test case (expected values stay outside)."""
+  from kat_jax.sandbox import CallTest, Job
+  tests = tuple(CallTest(name=f"test_{i}", function=task.entry_point, args=tuple(t.args),
+                         expected=t.expected) for i, t in enumerate(task.tests))
+  return Job(program=code, tests=tests, exports=(task.entry_point,),
+             job_id=job_id or task.task_id)
+
+
+def _pass_at_k(tasks: Mapping[str, Sequence[SampleRecord]], ks: Sequence[int]) -> dict:
+  from kat_jax.eval.pass_at_k import mean_pass_at_k
+  return mean_pass_at_k([len(r) for r in tasks.values()],
+                        [sum(x.passed for x in r) for r in tasks.values()], ks)
+
+
+def score_humaneval(completions: Mapping[str, Sequence[str]], ks: Sequence[int], pool,
+                    problems=None, extras: Optional[Mapping[str, Sequence[dict]]] = None
+                    ) -> SuiteResult:
+  """Scores HumanEval completions (task_id -> completions of its prompt) in the sandbox."""
+  from kat_jax.eval import humaneval
+  problems = problems if problems is not None else humaneval.load_problems()
+  results = humaneval.evaluate_humaneval(completions, ks=ks, pool=pool, problems=problems)
+  tasks = {}
+  for task_id, outcomes in results.results.items():
+    tasks[task_id] = [
+        SampleRecord(completion=c, passed=bool(r.passed), status=r.status,
+                     tests_passed=r.num_passed, tests_total=len(r.tests),
+                     **(extras[task_id][i] if extras else {}))
+        for i, (c, r) in enumerate(zip(completions[task_id], outcomes))]
+  return SuiteResult("humaneval", _pass_at_k(tasks, ks), tasks, results.seconds)
+
+
+def score_procedural(tasks: Sequence[Any], completions: Mapping[str, Sequence[str]],
+                     ks: Sequence[int], pool,
+                     extras: Optional[Mapping[str, Sequence[dict]]] = None) -> SuiteResult:
+  """Scores procedural tasks: ``completions`` maps task_id to assistant texts (code extracted)."""
+  by_id = {t.task_id: t for t in tasks}
+  jobs, owners = [], []
+  for task_id, texts in completions.items():
+    if task_id not in by_id:
+      raise ValueError(f"completions for unknown procedural task {task_id!r}")
+    for i, text in enumerate(texts):
+      jobs.append(procedural_job(by_id[task_id], extract_code(text), f"{task_id}#{i}"))
+      owners.append((task_id, i))
+  start = time.perf_counter()
+  outcomes = pool.map(jobs)
+  seconds = time.perf_counter() - start
+  records = collections.defaultdict(list)
+  for (task_id, i), job, result in zip(owners, jobs, outcomes):
+    records[task_id].append(SampleRecord(
+        completion=job.program, passed=bool(result.passed), status=result.status,
+        tests_passed=result.num_passed, tests_total=len(result.tests),
+        **(extras[task_id][i] if extras else {})))
+  records = {task_id: records[task_id] for task_id in completions}
+  return SuiteResult("procedural", _pass_at_k(records, ks), records, seconds)
+
+
+def format_table(results: Sequence[SuiteResult], ks: Sequence[int]) -> str:
+  keys = [f"pass@{k}" for k in ks]
+  lines = [f"{'suite':<12}{'tasks':>7}{'samples':>9}" + "".join(f"{k:>10}" for k in keys)]
+  for r in results:
+    cells = "".join(f"{r.pass_at_k[k]:>10.4f}" if k in r.pass_at_k else f"{'-':>10}"
+                    for k in keys)
+    lines.append(f"{r.suite:<12}{len(r.tasks):>7}{sum(len(x) for x in r.tasks.values()):>9}"
+                 + cells)
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- sampling
+
+
+def find_tokenizer_dir(workdir: str, config) -> str:
+  """``DIR/tokenizer`` if it holds a tokenizer, else ``config.data.tokenizer_path``, else the one
+  tokenizer cached under ``DIR/tokenizer/<fingerprint>`` by mid-training."""
+  root = os.path.join(workdir, "tokenizer")
+  if os.path.exists(os.path.join(root, "tokenizer.model")):
+    return root
+  path = config.data.get("tokenizer_path", "") if "data" in config else ""
+  if path:
+    return path
+  cached = sorted(d for d in (os.listdir(root) if os.path.isdir(root) else ())
+                  if os.path.exists(os.path.join(root, d, "tokenizer.model")))
+  if len(cached) == 1:
+    return os.path.join(root, cached[0])
+  raise FileNotFoundError(
+      f"no tokenizer for {workdir!r}: expected {root}/tokenizer.model (saved by training), "
+      f"config.data.tokenizer_path, or exactly one cached tokenizer under {root}/ (found "
+      f"{len(cached)}); the synthetic stage trains none — save one there first")
+
+
+def sample_completions(sampler, prompts: Sequence[Sequence[int]], num_samples: int, config, rng,
+                       batch_size: int, tokenizer) -> list[list[tuple[str, str, int]]]:
+  """``num_samples`` completions per prompt: [prompt][sample] -> (text, finish_reason, tokens).
+
+  Row j of the flattened (prompt, sample) list draws with ``fold_in(rng, j)``, so results do not
+  depend on ``batch_size``. Rows are batched longest-prompt-first to waste little padding.
+  """
+  import jax
+  import jax.numpy as jnp
+  rows = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
+  order = sorted(range(len(rows)), key=lambda j: -len(prompts[rows[j][0]]))
+  out: list[list] = [[None] * num_samples for _ in prompts]
+  for start in range(0, len(order), batch_size):
+    chunk = order[start:start + batch_size]
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.asarray(chunk))
+    result = sampler.generate([prompts[rows[j][0]] for j in chunk], keys, config, tokenizer)
+    for i, j in enumerate(chunk):
+      p, s = rows[j]
+      out[p][s] = (result.texts[i], result.finish_reason[i], int(result.lengths[i]))
+  return out
+
+
+def run_eval(config, workdir: str, *, suites: Sequence[str] = SUITES, num_samples: int = 1,
+             ks: Sequence[int] = (1,), temperature: Optional[float] = None, top_p: float = 1.0,
+             top_k: int = 0, max_new_tokens: int = 256, limit: int = 0, batch_size: int = 16,
+             seed: int = 0, step: Optional[int] = None, procedural_tasks: int = 100,
+             sandbox_workers: Optional[int] = None) -> dict:
+  """Samples and scores every suite; returns the JSON-ready report (also written to DIR/eval/)."""
+  import jax
+  from kat_jax.data import chat, special_tokens, tokenizer as tokenizer_lib
+  from kat_jax.data import procedural
+  from kat_jax.data.config import split_list
+  from kat_jax.eval import humaneval
+  from kat_jax.sample import Sampler, SamplingConfig
+  from kat_jax.sandbox import SandboxPool
+  from kat_jax.train import loop
+
+  unknown = [s for s in suites if s not in SUITES]
+  if unknown:
+    raise ValueError(f"unknown suites {unknown}: choose among {list(SUITES)}")
+  if num_samples < 1:
+    raise ValueError(f"--num_samples={num_samples} must be >= 1")
+  too_big = [k for k in ks if k > num_samples]
+  if too_big:
+    raise ValueError(f"--ks={list(ks)} asks pass@k with k > num_samples={num_samples}: "
+                     f"draw at least {max(too_big)} samples or drop those k")
+  if temperature is None:
+    temperature = 0.0 if num_samples == 1 else 0.8
+  if num_samples > 1 and temperature == 0.0:
+    logging.warning("greedy decoding with num_samples=%d: every sample is the same", num_samples)
+
+  tokenizer = tokenizer_lib.load_tokenizer(find_tokenizer_dir(workdir, config))
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but config.model.vocab_size="
+                     f"{config.model.vocab_size}: the config does not match the checkpoint")
+  state, model, _, restored_step = loop.load_state(config, workdir, step)
+  logging.info("restored step %d from %s", restored_step, workdir)
+
+  prompts: dict[str, tuple[list[str], list[list[int]]]] = {}
+  problems, tasks = None, None
+  if "humaneval" in suites:
+    problems = humaneval.load_problems()
+    ids = list(problems)[:limit] if limit else list(problems)
+    prompts["humaneval"] = (ids, [tokenizer.encode(problems[i].prompt) for i in ids])
+  if "procedural" in suites:
+    pcfg = config.data.procedural if "procedural" in config.get("data", {}) else None
+    levels = tuple(int(x) for x in split_list(pcfg.levels)) if pcfg else (0,)
+    tasks = procedural.generate_tasks(
+        seed=int(pcfg.seed) if pcfg else 0, num_tasks=limit or procedural_tasks, split="heldout",
+        levels=levels, families=split_list(pcfg.families) if pcfg else None,
+        heldout_fraction=float(pcfg.heldout_fraction) if pcfg else 0.1)
+    prompts["procedural"] = (
+        [t.task_id for t in tasks],
+        [chat.render_prompt(procedural.task_to_conversation(t).prefix(1), tokenizer).tokens.tolist()
+         for t in tasks])
+  longest = max(len(p) for _, ps in prompts.values() for p in ps)
+  sampler = Sampler(model, state.params, max_len=longest + max_new_tokens)
+  end_ids = (tokenizer.eos_id, tokenizer.token_id(special_tokens.IM_END))
+  base = dict(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+              stop_token_ids=end_ids, vocab_limit=tokenizer.vocab_size)
+  sampling = {"humaneval": SamplingConfig(stop_strings=HUMANEVAL_STOP_STRINGS, **base),
+              "procedural": SamplingConfig(**base)}
+  rng = jax.random.key(seed)
+
+  results = []
+  pool = SandboxPool(num_workers=sandbox_workers)
+  try:
+    for index, (suite, (ids, suite_prompts)) in enumerate(prompts.items()):
+      start = time.perf_counter()
+      samples = sample_completions(sampler, suite_prompts, num_samples, sampling[suite],
+                                   jax.random.fold_in(rng, index), batch_size, tokenizer)
+      logging.info("%s: sampled %d x %d in %.1fs", suite, len(ids), num_samples,
+                   time.perf_counter() - start)
+      extras = {i: [{"finish_reason": f, "num_tokens": n} for _, f, n in s]
+                for i, s in zip(ids, samples)}
+      if suite == "humaneval":
+        completions = {i: [humaneval_completion(t) for t, _, _ in s] for i, s in zip(ids, samples)}
+        results.append(score_humaneval(completions, ks, pool, problems, extras))
+      else:
+        completions = {i: [t for t, _, _ in s] for i, s in zip(ids, samples)}
+        results.append(score_procedural(tasks, completions, ks, pool, extras))
+  finally:
+    pool.close()
+
+  report = {
+      "step": int(restored_step), "workdir": os.path.abspath(workdir),
+      "sampling": {"num_samples": num_samples, "ks": list(ks), "temperature": temperature,
+                   "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
+                   "limit": limit, "seed": seed},
+      "table": format_table(results, ks),
+      "suites": {r.suite: r.to_dict() for r in results},
+  }
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"step_{restored_step}.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(report, f, indent=1)
+  os.replace(path + ".tmp", path)
+  report["path"] = path
+  return report
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+def _define_flags() -> dict:
+  """The CLI flags, defined only when run as a program (importing the module defines none)."""
+  return {
+      "config": config_flags.DEFINE_config_file(
+          "config", None, "Experiment config file (as trained).", lock_config=True),
+      "workdir": flags.DEFINE_string("workdir", None,
+                                     "Training workdir: checkpoints/ and tokenizer/."),
+      "suites": flags.DEFINE_list("suites", list(SUITES), "Suites to run."),
+      "num_samples": flags.DEFINE_integer("num_samples", 1, "Samples per prompt."),
+      "ks": flags.DEFINE_list("ks", ["1"], "pass@k values (each <= num_samples)."),
+      "temperature": flags.DEFINE_float(
+          "temperature", None, "Sampling temperature; default 0 (greedy) for one sample, else 0.8."),
+      "top_p": flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off)."),
+      "top_k": flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off)."),
+      "max_new_tokens": flags.DEFINE_integer("max_new_tokens", 256,
+                                             "Generated tokens per sample at most."),
+      "limit": flags.DEFINE_integer(
+          "limit", 0, "Only the first N tasks of each suite (0: all of HumanEval and "
+          "--procedural_tasks procedural tasks)."),
+      "procedural_tasks": flags.DEFINE_integer("procedural_tasks", 100,
+                                               "Held-out procedural tasks."),
+      "batch_size": flags.DEFINE_integer("batch_size", 16, "Sampled rows per decode batch."),
+      "seed": flags.DEFINE_integer("seed", 0, "Sampling seed."),
+      "step": flags.DEFINE_integer("step", None, "Checkpoint step (default: latest)."),
+      "sandbox_workers": flags.DEFINE_integer("sandbox_workers", None,
+                                              "Sandbox processes (default: CPU count)."),
+  }
+
+
+def main(argv, f: dict):
+  del argv
+  values = {name: flag.value for name, flag in f.items()}
+  if not values["config"] or not values["workdir"]:
+    raise app.UsageError("--config and --workdir are required")
+  report = run_eval(values.pop("config"), values.pop("workdir"),
+                    ks=[int(k) for k in values.pop("ks")], **values)
+  print(f"step {report['step']}  ({report['workdir']})")
+  print(report["table"])
+  print(f"wrote {report['path']}")
+
+
+if __name__ == "__main__":
+  _flags = _define_flags()
+  app.run(lambda argv: main(argv, _flags))

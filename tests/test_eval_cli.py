@@ -1,0 +1,125 @@
+"""experiments.eval: the scoring path gives 1.0 on known-correct completions and 0 on wrong ones
+(HumanEval canonical solutions, procedural reference solutions, through the sandbox), and the CLI
+end to end on a tiny checkpoint writes a pass@k table consistent with its per-sample verdicts."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import eval as eval_cli
+from kat_jax.data import procedural
+from kat_jax.eval import humaneval
+from kat_jax.eval.pass_at_k import pass_at_k
+from kat_jax.sandbox import SandboxPool
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_extract_code_and_humaneval_cut():
+  assert eval_cli.extract_code("Here:\n```python\ndef f():\n  return 1\n```\nok") == \
+      "def f():\n  return 1\n"
+  assert eval_cli.extract_code("def f():\n  return 1\n<|im_end|>junk") == "def f():\n  return 1\n"
+  assert eval_cli.extract_code("```\nx = 1\n") == "x = 1\n"       # unclosed fence
+  body = "    return a + b\n"
+  assert eval_cli.humaneval_completion(body + "\n\ndef other():\n  pass") == body + "\n"
+  assert eval_cli.humaneval_completion(body + "<|endoftext|>\nprint(1)") == body
+  assert eval_cli.humaneval_completion(body) == body
+
+
+def _check_consistent(suite: dict, ks):
+  """Table pass@k = mean over tasks of the unbiased estimator of that task's recorded verdicts."""
+  assert suite["num_tasks"] == len(suite["tasks"])
+  assert suite["num_samples"] == sum(len(t["samples"]) for t in suite["tasks"])
+  for k in ks:
+    per_task = []
+    for task in suite["tasks"]:
+      n, correct = len(task["samples"]), sum(s["passed"] for s in task["samples"])
+      assert (task["n"], task["correct"]) == (n, correct)
+      assert task[f"pass@{k}"] == pytest.approx(pass_at_k(n, correct, k))
+      per_task.append(pass_at_k(n, correct, k))
+    assert suite["pass_at_k"][f"pass@{k}"] == pytest.approx(np.mean(per_task))
+
+
+def test_known_correct_completions_score_one_and_wrong_ones_zero():
+  problems = humaneval.load_problems()
+  ids = list(problems)[:3]
+  tasks = procedural.generate_tasks(seed=0, num_tasks=4, split="heldout", levels=(0,))
+  with SandboxPool(num_workers=2) as pool:
+    right = eval_cli.score_humaneval({i: [problems[i].canonical_solution] * 2 for i in ids},
+                                     (1, 2), pool, problems)
+    mixed = eval_cli.score_humaneval(
+        {i: [problems[i].canonical_solution, "    pass\n", "    return None\n"] for i in ids},
+        (1, 2, 3), pool, problems)
+    fenced = {t.task_id: [f"Sure:\n```python\n{t.solution}```\n<|im_end|>", t.solution]
+              for t in tasks}
+    proc_right = eval_cli.score_procedural(tasks, fenced, (1, 2), pool)
+    proc_wrong = eval_cli.score_procedural(
+        tasks, {t.task_id: [t.solution.replace("return", "return None and"),
+                            "def unrelated():\n  return 0\n"] for t in tasks}, (1,), pool)
+  assert right.pass_at_k == {"pass@1": 1.0, "pass@2": 1.0}
+  assert proc_right.pass_at_k == {"pass@1": 1.0, "pass@2": 1.0}
+  assert proc_wrong.pass_at_k == {"pass@1": 0.0}
+  assert mixed.pass_at_k["pass@3"] == 1.0
+  assert mixed.pass_at_k["pass@1"] == pytest.approx(1 / 3)
+  assert mixed.pass_at_k["pass@2"] == pytest.approx(1 - 1 / 3)     # 1 - C(2,2)/C(3,2)
+  for result, ks in ((right, (1, 2)), (mixed, (1, 2, 3)), (proc_right, (1, 2)),
+                     (proc_wrong, (1,))):
+    _check_consistent(json.loads(json.dumps(result.to_dict())), ks)
+  record = proc_right.tasks[tasks[0].task_id][0]
+  assert record.completion == tasks[0].solution and record.tests_passed == len(tasks[0].tests)
+
+
+def _tiny_checkpoint(workdir: str, data_dir: str) -> list[str]:
+  """Two steps of configs/synthetic_tiny.py, plus a small tokenizer saved beside the checkpoint
+  (the synthetic stage trains none). Returns the config overrides used."""
+  from configs import synthetic_tiny
+  from kat_jax.data.tokenizer import SentencePieceTokenizer
+  from kat_jax.train import loop
+  overrides = dict(steps=2, checkpoint_every=2, seq_len=32, eval_every=0, warmup_steps=1,
+                   progress_bar=False, log_every=1, async_checkpoint=False)
+  c = synthetic_tiny.get_config()
+  c.train.update(overrides)
+  c.data.data_dir = data_dir
+  loop.train(c, workdir)
+  problems = humaneval.load_problems()
+  texts = [p.prompt + p.canonical_solution for p in problems.values()]
+  SentencePieceTokenizer.train(texts, vocab_size=400).save(os.path.join(workdir, "tokenizer"))
+  return [f"--config.train.{k}={v}" for k, v in overrides.items()] + [
+      f"--config.data.data_dir={data_dir}"]
+
+
+@pytest.mark.slow
+def test_eval_cli_end_to_end_on_a_tiny_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  overrides = _tiny_checkpoint(workdir, str(tmp_path / "data"))
+  ks = (1, 2)
+  cmd = [sys.executable, "-m", "experiments.eval", "--config=configs/synthetic_tiny.py",
+         f"--workdir={workdir}", "--num_samples=2", "--ks=1,2", "--temperature=1.0",
+         "--max_new_tokens=24", "--limit=2", "--batch_size=4", "--sandbox_workers=2",
+         *overrides]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  path = os.path.join(workdir, "eval", "step_2.json")
+  assert f"wrote {path}" in proc.stdout
+  with open(path) as f:
+    report = json.load(f)
+  assert report["step"] == 2 and report["table"] in proc.stdout
+  assert set(report["suites"]) == {"humaneval", "procedural"}
+  for name, suite in report["suites"].items():
+    assert suite["num_tasks"] == 2 and set(suite["pass_at_k"]) == {"pass@1", "pass@2"}
+    _check_consistent(suite, ks)
+    for task in suite["tasks"]:
+      assert task["n"] == 2
+      for sample in task["samples"]:
+        assert 1 <= sample["num_tokens"] <= 24
+        assert sample["finish_reason"] in ("stop_token", "stop_string", "length", "max_len")
+        assert sample["status"] in ("completed", "load_error", "crashed", "timeout",
+                                    "output_limit")
+    line = [l for l in report["table"].splitlines() if l.startswith(name)][0]
+    assert f"{suite['pass_at_k']['pass@1']:.4f}" in line
+  he_ids = [t["task_id"] for t in report["suites"]["humaneval"]["tasks"]]
+  assert he_ids == ["HumanEval/0", "HumanEval/1"]
