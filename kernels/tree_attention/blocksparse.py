@@ -13,9 +13,10 @@ The custom VJP (flash-attention style: the forward saves the log-sum-exp) recomp
 chunks once and gets dQ, dK and dV from each; dQ is summed over the chunks of a query block, dK
 and dV over the chunk slots holding a key block. These segment sums scatter whole [block, D]
 tiles, so they cost a small fraction of the matmuls (a key-major second pass, as in the Pallas
-kernels, would recompute the logits instead). Tiles are head-major, queries of the G heads of a kv head stacked as
-rows (see ``blockwise``), so every matmul runs on XLA:CPU's fast path without transposing copies.
-Rows with no visible key give 0 and zero gradient; statistics are float32.
+kernels, would recompute the logits instead). Tiles are head-major, with the G query heads of a
+kv head side by side in a tile (see ``blockwise``), so the matmuls need no transposing copies and
+the token-level mask is computed once per chunk, not per head. Rows with no visible key give 0
+and zero gradient; statistics are float32.
 
 Usage: ``tree_attention(q_bthd, k_bshd, v_bshd, mask)`` with
 ``mask.blocks = block_layout(tin, tout, block_q, block_k)`` built with the same block sizes
@@ -55,8 +56,9 @@ def _take(x, ids):
 
 
 def _take_intervals(x, ids):
-  """Per batch row: x [B, n, block], ids [B, C(, W)] -> [B, C(, W), block]."""
-  return jax.vmap(lambda x_b, i_b: x_b[i_b])(x, ids)
+  """Per batch row: x [B, n, block], ids [B, C, W] -> [B, C, W*block]; ids [B, C] -> [B, C, block]."""
+  x = jax.vmap(lambda x_b, i_b: x_b[i_b])(x, ids)
+  return x.reshape(*ids.shape[:2], -1)
 
 
 def _segment_sum(data, ids, num):
@@ -71,52 +73,52 @@ def _segment_max(data, ids, num):
 
 
 def _merge_w(x):
-  """[B, Hkv, C, W, block, ...] -> [B, Hkv, C, W*block, ...] (free: adjacent dims)."""
-  return x.reshape(*x.shape[:3], x.shape[3] * x.shape[4], *x.shape[5:])
+  """[B, Hkv, C, W, block, D] -> [B, Hkv, C, W*block, D] (free: adjacent dims)."""
+  return x.reshape(*x.shape[:3], x.shape[3] * x.shape[4], x.shape[5])
 
 
 class _Tiles:
-  """The block-major, head-major views of the inputs that both passes gather chunks from."""
+  """Block-major, head-major views of the inputs, from which chunks are gathered."""
 
   def __init__(self, q, k, v, tin, tout, block_sizes):
-    b, t, hq, _ = q.shape
+    b, t = tin.shape
     hkv = k.shape[2]
-    self.group = hq // hkv
     self.bq, self.bk = block_sizes.block_q, block_sizes.block_k
     self.nq, self.nk = num_blocks(t, self.bq), num_blocks(t, self.bk)
+    self.hkv = hkv
     # Key block nk is a dummy (zeros, intervals that nobody sees) for the padding slots of chunks.
     self.k = blockwise.to_key_blocks(k, self.bk, self.nk + 1)  # [B, Hkv, nk+1, bk, D]
     self.v = blockwise.to_key_blocks(v, self.bk, self.nk + 1)
     kpad = lambda x: blockwise.pad_axis(x, 1, (self.nk + 1) * self.bk, PAD_INTERVAL)
     self.k_tin = kpad(tin).reshape(b, self.nk + 1, self.bk)
     self.k_tout = kpad(tout).reshape(b, self.nk + 1, self.bk)
-    self.q_rows = blockwise.to_rows(q, hkv, self.bq)  # [B, Hkv, nq, G*bq, D]
+    self.q = blockwise.to_query_blocks(q, hkv, self.bq)  # [B, Hkv, nq, G, bq, D]
     self.q_tin = blockwise.pad_axis(tin, 1, self.nq * self.bq, PAD_INTERVAL).reshape(
         b, self.nq, self.bq)
 
   def chunk(self, fwd_q, fwd_kv):
-    """Gathered tiles of every chunk: q [B,Hkv,C,G*bq,D], k, v [B,Hkv,C,W*bk,D], row mask."""
-    vis = blockwise.tile_visible(_take_intervals(self.q_tin, fwd_q),
-                                 _take_intervals(self.k_tin, fwd_kv).reshape(*fwd_kv.shape[:2], -1),
-                                 _take_intervals(self.k_tout, fwd_kv).reshape(*fwd_kv.shape[:2], -1))
-    return (_take(self.q_rows, fwd_q), _merge_w(_take(self.k, fwd_kv)),
-            _merge_w(_take(self.v, fwd_kv)), blockwise.rows_visible(vis, self.group))
+    """Gathered tiles of every chunk: q [B,Hkv,C,G,bq,D], k, v [B,Hkv,C,W*bk,D], intervals."""
+    intervals = (_take_intervals(self.q_tin, fwd_q), _take_intervals(self.k_tin, fwd_kv),
+                 _take_intervals(self.k_tout, fwd_kv))  # [B, C, bq], [B, C, W*bk] x 2
+    return (_take(self.q, fwd_q), _merge_w(_take(self.k, fwd_kv)),
+            _merge_w(_take(self.v, fwd_kv)), intervals)
 
 
 def _forward(q, k, v, tin, tout, chunks, block_sizes):
   fwd_q, fwd_kv = chunks
   t, d = q.shape[1], q.shape[3]
   tiles = _Tiles(q, k, v, tin, tout, block_sizes)
-  q_c, k_c, v_c, vis = tiles.chunk(fwd_q, fwd_kv)
-  m_c, l_c, acc_c = blockwise.tile_forward(q_c, k_c, v_c, vis, 1.0 / d ** 0.5)  # [B,Hkv,C,R(,D)]
+  q_c, k_c, v_c, intervals = tiles.chunk(fwd_q, fwd_kv)
+  vis = blockwise.tile_visible(*intervals)[:, None, :, None]  # [B, 1, C, 1, bq, W*bk]
+  m_c, l_c, acc_c = blockwise.tile_forward(q_c, k_c, v_c, vis, 1.0 / d ** 0.5)  # [B,Hkv,C,G,bq]
   # Merge the chunks of each query block. Query blocks without chunks get max = -inf from the
   # empty segment; clamping to NEG keeps exp() finite, and their l = 0 gives output 0.
-  m = jnp.maximum(_segment_max(m_c, fwd_q, tiles.nq), blockwise.NEG)  # [B, Hkv, nq, R]
+  m = jnp.maximum(_segment_max(m_c, fwd_q, tiles.nq), blockwise.NEG)  # [B, Hkv, nq, G, bq]
   rescale = jnp.exp(m_c - _take(m, fwd_q))
   l = _segment_sum(l_c * rescale, fwd_q, tiles.nq)
   acc = _segment_sum(acc_c * rescale[..., None], fwd_q, tiles.nq)
-  out, lse = blockwise.finalize(m, l, acc)  # [B, Hkv, nq, R, D], [B, Hkv, nq, R]
-  return blockwise.from_rows(out, t, tiles.group).astype(q.dtype), lse
+  out, lse = blockwise.finalize(m, l, acc)  # [B, Hkv, nq, G, bq, D], [B, Hkv, nq, G, bq]
+  return blockwise.from_query_blocks(out, t).astype(q.dtype), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -134,19 +136,20 @@ def _attend_bwd(block_sizes, residuals, do):
   fwd_q, fwd_kv = chunks
   t, hkv, d = q.shape[1], k.shape[2], q.shape[3]
   tiles = _Tiles(q, k, v, tin, tout, block_sizes)
-  q_c, k_c, v_c, vis = tiles.chunk(fwd_q, fwd_kv)
-  do_c = _take(blockwise.to_rows(do, hkv, tiles.bq), fwd_q)
-  delta = blockwise.to_rows(blockwise.row_delta(out, do), hkv, tiles.bq)  # [B, Hkv, nq, R]
+  q_c, k_c, v_c, intervals = tiles.chunk(fwd_q, fwd_kv)
+  vis_t = blockwise.tile_visible_t(*intervals)[:, None, :, :, None]  # [B, 1, C, W*bk, 1, bq]
+  do_c = _take(blockwise.to_query_blocks(do, hkv, tiles.bq), fwd_q)
+  delta = blockwise.to_query_blocks(blockwise.row_delta(out, do), hkv, tiles.bq)
   dq_c, dk_c, dv_c = blockwise.tile_backward(q_c, k_c, v_c, do_c, _take(lse, fwd_q),
-                                             _take(delta, fwd_q), vis, 1.0 / d ** 0.5)
+                                             _take(delta, fwd_q), vis_t, 1.0 / d ** 0.5)
   # dQ: sum over the chunks of each query block. dK, dV: sum over every chunk slot that holds the
   # key block; padding slots point at the dummy block nk, which is dropped.
-  dq = _segment_sum(dq_c, fwd_q, tiles.nq)  # [B, Hkv, nq, R, D]
+  dq = _segment_sum(dq_c, fwd_q, tiles.nq)  # [B, Hkv, nq, G, bq, D]
   b, c, w = fwd_kv.shape
   slots = lambda x: x.reshape(b, hkv, c * w, tiles.bk, d)
   dk = _segment_sum(slots(dk_c), fwd_kv.reshape(b, c * w), tiles.nk + 1)[:, :, :tiles.nk]
   dv = _segment_sum(slots(dv_c), fwd_kv.reshape(b, c * w), tiles.nk + 1)[:, :, :tiles.nk]
-  return (blockwise.from_rows(dq, t, tiles.group).astype(q.dtype),
+  return (blockwise.from_query_blocks(dq, t).astype(q.dtype),
           blockwise.from_key_blocks(dk, t).astype(k.dtype),
           blockwise.from_key_blocks(dv, t).astype(v.dtype), None, None, None)
 

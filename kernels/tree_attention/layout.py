@@ -30,8 +30,8 @@ Two ways to know which blocks to visit:
 
 Static-size policy (so that jit does not retrace per batch): all ``*_ids`` lists have the static
 width nk or nq (fixed by T and the block sizes). The chunk capacity C is data dependent: by default
-it is the batch maximum rounded up to three significant bits (1..8, then 8, 9, ..., 15, 16, 18, ...,
-30, 32, 36, ...), so at most 8 distinct shapes per doubling and at most 12.5% padding chunks. Pass
+it is the batch maximum rounded up to four significant bits (exact up to 16, then 18, 20, ..., 30,
+32, 36, ...), so at most 8 distinct shapes per doubling and at most 12.5% padding chunks. Pass
 ``capacity=C`` to pin it (``worst_case_capacity(T, ...)`` fits any tree; a data pipeline that knows
 its trees can pin less); a capacity that is too small raises an error naming the needed value.
 """
@@ -74,7 +74,7 @@ def num_blocks(t: int, block: int) -> int:
 
 
 def round_capacity(n: int) -> int:
-  """``n`` rounded up to three significant bits (the static-size policy for chunk counts)."""
+  """``n`` rounded up to four significant bits (the static-size policy for chunk counts)."""
   n = max(int(n), 1)
   if n <= 8:
     return n
@@ -224,7 +224,7 @@ def block_layout(tin, tout, block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT
     tin, tout: int [B, T] DFS intervals (numpy or array-like; real values >= 0).
     block_q, block_k: block sizes; must match the ``BlockSizes`` the attention function uses.
     chunk_width: key blocks per chunk of the block-sparse XLA path.
-    capacity: pins the number of chunks per row; None rounds the batch maximum up to three
+    capacity: pins the number of chunks per row; None rounds the batch maximum up to four
       significant bits.
   """
   tin = np.asarray(tin)

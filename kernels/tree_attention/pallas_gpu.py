@@ -21,7 +21,8 @@ How it works (one program per (query block, batch, query head), as in the stock
   which keeps every program free of cross-program reductions.
 
 Triton wants power-of-two tiles: block sizes and the head dim (padded here) must be powers of two,
->= 16 for tensor-core dots. On CPU run it with ``interpret=True``.
+>= 16 for tensor-core dots. Float32 inputs get Triton's default dot precision (TF32 on GPUs that
+have it). On CPU run it with ``interpret=True``.
 """
 from __future__ import annotations
 
@@ -50,7 +51,11 @@ def tree_attention(q_bthd, k_bshd, v_bshd, mask, *, block_sizes: Optional[BlockS
   """Tree self-attention, [B, T, Hq, D] x [B, T, Hkv, D] -> [B, T, Hq, D] (dtype of q)."""
   block_sizes = block_sizes or default_block_sizes()
   reference._check_inputs(q_bthd, k_bshd, v_bshd, mask)
-  lists = visit_lists_for(mask, block_sizes)
+  kv_ids, kv_counts, q_ids, q_counts = visit_lists_for(mask, block_sizes)
+  # Triton refs like power-of-two shapes: pad the list width (entries past the count are unread)
+  # and give each count a trailing axis of 1.
+  pow2 = lambda ids: blockwise.pad_axis(ids, 2, pl.next_power_of_2(ids.shape[2]))
+  lists = (pow2(kv_ids), kv_counts[..., None], pow2(q_ids), q_counts[..., None])
   params = (block_sizes, interpret, num_warps, num_stages)
   return _attend(q_bthd, k_bshd, v_bshd, mask.tin.astype(jnp.int32),
                  mask.tout.astype(jnp.int32), lists, params)
@@ -150,7 +155,7 @@ def _forward(q, k, v, q_tin, k_tin, k_tout, lists, params, scale):
   b, tq, hq, d = q.shape
   tk, hkv = k.shape[1], k.shape[2]
   bq, bk = block_sizes.block_q, block_sizes.block_k
-  nq, nk = tq // bq, tk // bk
+  nq = tq // bq
   group = hq // hkv
   q_block = pl.BlockSpec((None, bq, None, d), lambda i, bi, h: (bi, i, h, 0))
   kv_whole = pl.BlockSpec((None, tk, None, d), lambda i, bi, h: (bi, 0, h // group, 0))
@@ -162,8 +167,8 @@ def _forward(q, k, v, q_tin, k_tin, k_tout, lists, params, scale):
           pl.BlockSpec((None, bq), lambda i, bi, h: (bi, i)),
           pl.BlockSpec((None, tk), lambda i, bi, h: (bi, 0)),
           pl.BlockSpec((None, tk), lambda i, bi, h: (bi, 0)),
-          pl.BlockSpec((None, None, nk), lambda i, bi, h: (bi, i, 0)),
-          pl.BlockSpec((None, 1), lambda i, bi, h: (bi, i)),
+          pl.BlockSpec((None, None, kv_ids.shape[2]), lambda i, bi, h: (bi, i, 0)),
+          pl.BlockSpec((None, None, 1), lambda i, bi, h: (bi, i, 0)),
       ],
       out_specs=[q_block, pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -195,8 +200,8 @@ def _backward(q, k, v, q_tin, k_tin, k_tout, lists, out, lse, do, params, scale)
           pl.BlockSpec((None, bq), lambda i, bi, h: (bi, i)),
           pl.BlockSpec((None, tk), lambda i, bi, h: (bi, 0)),
           pl.BlockSpec((None, tk), lambda i, bi, h: (bi, 0)),
-          pl.BlockSpec((None, None, nk), lambda i, bi, h: (bi, i, 0)),
-          pl.BlockSpec((None, 1), lambda i, bi, h: (bi, i)),
+          pl.BlockSpec((None, None, kv_ids.shape[2]), lambda i, bi, h: (bi, i, 0)),
+          pl.BlockSpec((None, None, 1), lambda i, bi, h: (bi, i, 0)),
       ],
       out_specs=q_block,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -218,8 +223,8 @@ def _backward(q, k, v, q_tin, k_tin, k_tout, lists, out, lse, do, params, scale)
           pl.BlockSpec((None, tq), lambda j, bi, h: (bi, 0)),
           pl.BlockSpec((None, bk), lambda j, bi, h: (bi, j)),
           pl.BlockSpec((None, bk), lambda j, bi, h: (bi, j)),
-          pl.BlockSpec((None, None, nq), lambda j, bi, h: (bi, j, 0)),
-          pl.BlockSpec((None, 1), lambda j, bi, h: (bi, j)),
+          pl.BlockSpec((None, None, q_ids.shape[2]), lambda j, bi, h: (bi, j, 0)),
+          pl.BlockSpec((None, None, 1), lambda j, bi, h: (bi, j, 0)),
       ],
       out_specs=[dkv_block, dkv_block],
       out_shape=[jax.ShapeDtypeStruct((b, tk, hq, d), jnp.float32)] * 2,

@@ -53,22 +53,20 @@ def _key_blocks(k, v, tin, tout, block_k):
 
 
 def _forward(q, k, v, tin, tout, block_k):
-  b, t, hq, d = q.shape
-  hkv = k.shape[2]
-  group = hq // hkv
+  t, hkv, d = q.shape[1], k.shape[2], q.shape[3]
   scale = 1.0 / (d ** 0.5)
-  q_rows = blockwise.to_rows(q, hkv, t)[:, :, 0]  # [B, Hkv, G*T, D]: one block of all tokens
+  q_heads = blockwise.to_query_blocks(q, hkv, t)[:, :, 0]  # [B, Hkv, G, T, D]
   k_blocks, v_blocks, tin_blocks, tout_blocks = _key_blocks(k, v, tin, tout, block_k)
 
   def step(carry, block):
     k_j, v_j, tin_j, tout_j = block
-    vis = blockwise.rows_visible(blockwise.tile_visible(tin, tin_j, tout_j), group)
-    return blockwise.merge(carry, blockwise.tile_forward(q_rows, k_j, v_j, vis, scale)), None
+    vis = blockwise.tile_visible(tin, tin_j, tout_j)[:, None, None]  # [B, 1, 1, T, block_k]
+    return blockwise.merge(carry, blockwise.tile_forward(q_heads, k_j, v_j, vis, scale)), None
 
-  init = blockwise.empty_partial(q_rows.shape[:3], d)
+  init = blockwise.empty_partial(q_heads.shape[:4], d)
   partial, _ = jax.lax.scan(step, init, (k_blocks, v_blocks, tin_blocks, tout_blocks))
-  out, lse = blockwise.finalize(*partial)  # [B, Hkv, G*T, D], [B, Hkv, G*T]
-  return blockwise.from_rows(out[:, :, None], t, group).astype(q.dtype), lse
+  out, lse = blockwise.finalize(*partial)  # [B, Hkv, G, T, D], [B, Hkv, G, T]
+  return blockwise.from_query_blocks(out[:, :, None], t).astype(q.dtype), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -83,25 +81,24 @@ def _attend_fwd(q, k, v, tin, tout, block_k):
 
 def _attend_bwd(block_k, residuals, do):
   q, k, v, tin, tout, out, lse = residuals
-  b, t, hq, d = q.shape
-  hkv = k.shape[2]
-  group = hq // hkv
+  t, hkv, d = q.shape[1], k.shape[2], q.shape[3]
   scale = 1.0 / (d ** 0.5)
-  rows = lambda x: blockwise.to_rows(x, hkv, t)[:, :, 0]
-  q_rows, do_rows = rows(q), rows(do)
-  delta = rows(blockwise.row_delta(out, do))  # [B, Hkv, G*T]
+  heads = lambda x: blockwise.to_query_blocks(x, hkv, t)[:, :, 0]
+  q_heads, do_heads = heads(q), heads(do)
+  delta = heads(blockwise.row_delta(out, do))  # [B, Hkv, G, T]
   k_blocks, v_blocks, tin_blocks, tout_blocks = _key_blocks(k, v, tin, tout, block_k)
 
   def step(dq, block):
     k_j, v_j, tin_j, tout_j = block
-    vis = blockwise.rows_visible(blockwise.tile_visible(tin, tin_j, tout_j), group)
-    dq_j, dk_j, dv_j = blockwise.tile_backward(q_rows, k_j, v_j, do_rows, lse, delta, vis, scale)
+    vis_t = blockwise.tile_visible_t(tin, tin_j, tout_j)[:, None, :, None]  # [B,1,block_k,1,T]
+    dq_j, dk_j, dv_j = blockwise.tile_backward(q_heads, k_j, v_j, do_heads, lse, delta, vis_t,
+                                               scale)
     return dq + dq_j, (dk_j, dv_j)
 
-  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q_rows.shape, jnp.float32),
+  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q_heads.shape, jnp.float32),
                               (k_blocks, v_blocks, tin_blocks, tout_blocks))
   unscan = lambda x: blockwise.from_key_blocks(jnp.moveaxis(x, 0, 2), t)
-  return (blockwise.from_rows(dq[:, :, None], t, group).astype(q.dtype),
+  return (blockwise.from_query_blocks(dq[:, :, None], t).astype(q.dtype),
           unscan(dk).astype(k.dtype), unscan(dv).astype(v.dtype), None, None)
 
 

@@ -1,0 +1,155 @@
+"""Benchmark: tree attention implementations, forward + backward, on trees and flat sequences.
+
+    python -m experiments.bench_attention [--sizes=1024,2048] [--pors=0.5,0.75] [--repeats=3]
+
+For each synthetic trajectory tree (about ``size`` tokens, prefix-overlap ratio ``por``) it times
+``jit(value_and_grad)`` of a weighted sum of the attention output for
+
+* ``xla``          dense masked attention (``kat_jax.model.attention.dense_attention``),
+* ``reference``    blockwise scan, every key block (``kernels.tree_attention.reference``),
+* ``blocksparse``  visited key blocks only (``kernels.tree_attention.blocksparse``),
+
+on three inputs: ``tree`` (the serialized tree, one row of T tokens), ``flat_same_tokens`` (one
+causal sequence of the same T tokens: what a block-skipping kernel does without a tree) and
+``flat_trajectories`` (the tree's trajectories as a flat batch, one causal row each: what tree
+training replaces; only the block-sparse path, which skips above the causal diagonal, is the fair
+baseline there). Each case prints one JSON object with the fastest (``seconds``) and median
+(``median_seconds``) wall time of one forward+backward, the fraction of (query block, key block)
+pairs visited and the fraction of visible (query, key) pairs. The fastest run is the headline
+figure because this machine's cores are shared: the median mostly measures the neighbours.
+
+Pallas kernels are not timed here: on CPU they run in interpret mode (a correctness tool).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from kat_jax.model.attention import AttentionMask, dense_attention, intervals_from_segment_ids
+from kernels.tree_attention import blocksparse, layout, reference, synthetic
+from kernels.tree_attention.layout import BlockSizes
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("sizes", ["1024", "2048", "4096"], "approximate tree sizes in tokens")
+flags.DEFINE_list("pors", ["0.5", "0.75"], "target prefix-overlap ratios")
+flags.DEFINE_integer("trajectories", 8, "trajectories per tree")
+flags.DEFINE_integer("heads", 8, "query heads")
+flags.DEFINE_integer("kv_heads", 2, "key/value heads")
+flags.DEFINE_integer("head_dim", 64, "head dimension")
+flags.DEFINE_integer("block", 64, "block size (queries and keys)")
+flags.DEFINE_integer("chunk_width", layout.DEFAULT_CHUNK_WIDTH, "key blocks per chunk")
+flags.DEFINE_integer("repeats", 5, "timed runs per case (after one warm-up)")
+flags.DEFINE_list("impls", ["xla", "reference", "blocksparse"], "implementations to time")
+flags.DEFINE_integer("max_dense_tokens", 4096, "skip the dense xla path above this many tokens")
+flags.DEFINE_integer("seed", 0, "tree seed")
+
+
+def make_tree(rng, size: int, por: float, num_trajectories: int):
+  """Trajectories whose trie has about ``size`` tokens and POR about ``por``."""
+  # With K trajectories forking at a mean fraction f of their length L:
+  # N_tree ~ L (1 + (K-1)(1-f)) and POR ~ f (K-1)/K.
+  k = num_trajectories
+  f = min(max(por * k / (k - 1), 0.05), 0.95)
+  length = max(int(round(size / (1 + (k - 1) * (1 - f)))), 8)
+  spread = min(0.1, f, 1 - f)
+  return synthetic.random_trajectory_tree(rng, k, length, (f - spread, f + spread))
+
+
+def _timed(fns, args, repeats):
+  """{name: (min, median)} wall seconds; one compile + warm-up run each, then round robin.
+
+  Interleaving the implementations run by run spreads the load of a shared machine evenly.
+  """
+  for name, fn in fns.items():
+    jax.block_until_ready(fn(*args[name]))
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args[name]))
+      times[name].append(time.perf_counter() - start)
+  return {name: (min(ts), statistics.median(ts)) for name, ts in times.items()}
+
+
+def _fwd_bwd(attention):
+  def loss(q, k, v, mask, w):
+    return jnp.sum(attention(q, k, v, mask).astype(jnp.float32) * w)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def run_case(name, tin, tout, meta, block_sizes):
+  b, t = tin.shape
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  q = jax.random.normal(keys[0], (b, t, FLAGS.heads, FLAGS.head_dim), jnp.float32)
+  k = jax.random.normal(keys[1], (b, t, FLAGS.kv_heads, FLAGS.head_dim), jnp.float32)
+  v = jax.random.normal(keys[2], (b, t, FLAGS.kv_heads, FLAGS.head_dim), jnp.float32)
+  w = jax.random.normal(keys[3], q.shape, jnp.float32)
+  blocks = layout.block_layout(tin, tout, block_sizes.block_q, block_sizes.block_k,
+                               chunk_width=FLAGS.chunk_width)
+  visible = np.asarray(
+      (tin[:, None, :] <= tin[:, :, None]) & (tin[:, :, None] < tout[:, None, :])).sum()
+  record = dict(case=name, **meta, batch=b, tokens_per_row=t, heads=FLAGS.heads,
+                kv_heads=FLAGS.kv_heads, head_dim=FLAGS.head_dim, block=FLAGS.block,
+                chunk_width=FLAGS.chunk_width,
+                visited_block_fraction=round(layout.visited_fraction(blocks), 4),
+                visible_pair_fraction=round(float(visible) / (b * t * t), 4),
+                seconds={}, median_seconds={})
+  mask_plain = AttentionMask(tin=jnp.asarray(tin), tout=jnp.asarray(tout))
+  mask_blocks = mask_plain.replace(blocks=blocks)
+  impls = {
+      "xla": (dense_attention, mask_plain),
+      "reference": (lambda *a: reference.tree_attention(*a, block_k=block_sizes.block_k),
+                    mask_plain),
+      "blocksparse": (lambda *a: blocksparse.tree_attention(*a, block_sizes=block_sizes),
+                      mask_blocks),
+  }
+  fns, args = {}, {}
+  for impl in FLAGS.impls:
+    if impl == "xla" and t > FLAGS.max_dense_tokens:
+      continue
+    if name == "flat_trajectories" and impl != "blocksparse":
+      continue
+    fn, mask = impls[impl]
+    fns[impl], args[impl] = _fwd_bwd(fn), (q, k, v, mask, w)
+  for impl, (best, median) in _timed(fns, args, FLAGS.repeats).items():
+    record["seconds"][impl] = round(best, 4)
+    record["median_seconds"][impl] = round(median, 4)
+  print(json.dumps(record), flush=True)
+  return record
+
+
+def main(argv):
+  del argv
+  block_sizes = BlockSizes(FLAGS.block, FLAGS.block)
+  rng = np.random.default_rng(FLAGS.seed)
+  for size in map(int, FLAGS.sizes):
+    for por_target in map(float, FLAGS.pors):
+      paths = make_tree(rng, size, por_target, FLAGS.trajectories)
+      _, tree_tin, tree_tout = synthetic.trie_intervals(paths)
+      n_tree, n_flat = tree_tin.size, sum(len(p) for p in paths)
+      meta = dict(tree_tokens=n_tree, flat_tokens=n_flat, por=round(1 - n_tree / n_flat, 4),
+                  device=jax.devices()[0].platform)
+      t = layout.num_blocks(n_tree, FLAGS.block) * FLAGS.block
+      tin, tout = synthetic.pack_rows([[(tree_tin, tree_tout)]], t)
+      run_case("tree", tin, tout, meta, block_sizes)
+      seg = np.zeros((1, t), np.int32)
+      seg[0, :n_tree] = 1
+      flat = intervals_from_segment_ids(jnp.asarray(seg))
+      run_case("flat_same_tokens", np.asarray(flat.tin), np.asarray(flat.tout), meta, block_sizes)
+      length = layout.num_blocks(max(len(p) for p in paths), FLAGS.block) * FLAGS.block
+      seg = np.zeros((len(paths), length), np.int32)
+      for row, path in enumerate(paths):
+        seg[row, :len(path)] = 1
+      flat = intervals_from_segment_ids(jnp.asarray(seg))
+      run_case("flat_trajectories", np.asarray(flat.tin), np.asarray(flat.tout), meta,
+               block_sizes)
+
+
+if __name__ == "__main__":
+  app.run(main)
