@@ -1,6 +1,8 @@
 """Loader throughput: packed tokens/s of kat_jax's LM iterator, beside grain's own packer.
 
   python -m experiments.bench_data [--batch_size=8 --seq_len=1024 --num_batches=200 --data_dir=DIR]
+  python -m experiments.bench_data --cases=loader_vs_step [--step_preset=small --step_batch_size=4
+      --step_seq_len=256 --step_steps=2 --step_rounds=2]
 
 Prints one JSON object per case on stdout. Cases (all on the configured code corpus, default the
 Python standard library, with the same tokenizer, same batch shape, after one warm-up batch):
@@ -12,15 +14,21 @@ Python standard library, with the same tokenizer, same batch shape, after one wa
 * ``grain_concat_then_split`` baseline: grain MapDataset shuffle/repeat/map(tokenize) →
   ``to_iter_dataset`` with 2 read threads → ``grain.experimental.ConcatThenSplitIterDataset`` →
   ``batch``: grain's own packer (inputs / segment ids / positions only, no targets or weights).
+* ``loader_vs_step``        the loader with FIM on (as ``kat_fim_on``) against the train step of
+  ``--step_preset`` (``experiments.bench_train.measure``), both at ``--step_batch_size`` ×
+  ``--step_seq_len``, in this run: ``loader_tokens_per_s``, ``step_tokens_per_s``, ``ratio`` and
+  ``goal_met`` (ratio ≥ ``--goal_ratio``, 10: the loader must not be what limits training). The two
+  are timed one after the other; in training they share the host's cores.
 
-``measure_loader_tokens_per_s(data_config, ...)`` is the reusable part (the trainer's benchmark
-compares it with the train step's consumption).
+``measure_loader_tokens_per_s(data_config, ...)`` and ``compare_loader_with_step(...)`` are the
+reusable parts.
 """
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Optional
@@ -39,7 +47,15 @@ _NUM_BATCHES = flags.DEFINE_integer("num_batches", 200, "Timed batches per case.
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS cache ('' = the default cache).")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Tokenizer cache ('' = a temporary directory).")
 _CASES = flags.DEFINE_list("cases", ["kat_fim_off", "kat_fim_off_no_prefetch", "kat_fim_on",
-                                     "kat_mixture", "grain_concat_then_split"], "Cases to run.")
+                                     "kat_mixture", "grain_concat_then_split", "loader_vs_step"],
+                           "Cases to run.")
+_STEP_PRESET = flags.DEFINE_string("step_preset", "small", "loader_vs_step: model preset.")
+_STEP_BATCH_SIZE = flags.DEFINE_integer("step_batch_size", 4, "loader_vs_step: rows per batch.")
+_STEP_SEQ_LEN = flags.DEFINE_integer("step_seq_len", 256, "loader_vs_step: tokens per row.")
+_STEP_STEPS = flags.DEFINE_integer("step_steps", 2, "loader_vs_step: timed train steps per round.")
+_STEP_ROUNDS = flags.DEFINE_integer("step_rounds", 2, "loader_vs_step: rounds; the best is kept.")
+_GOAL_RATIO = flags.DEFINE_float("goal_ratio", 10.0,
+                                 "loader_vs_step: loader tokens/s must be this many times the step's.")
 
 
 def _time_batches(iterator, num_batches: int) -> dict:
@@ -100,6 +116,51 @@ def measure_grain_baseline_tokens_per_s(data_config, tokenizer, *, batch_size: i
   return _time_batches(iter(packed.batch(batch_size)), num_batches)
 
 
+def fim_on(data_config):
+  """``data_config`` with FIM as in the ``kat_fim_on`` case: rate 0.5, all structured, SPM 0.5."""
+  config = data_config.copy_and_resolve_references()
+  config.fim.rate, config.fim.structured_rate, config.fim.spm_rate = 0.5, 1.0, 0.5
+  return config
+
+
+def measure_step_tokens_per_s(preset: str, *, batch_size: int, seq_len: int, steps: int,
+                              rounds: int) -> dict:
+  """``experiments.bench_train.measure(preset, ...)`` in a child process (its result dict)."""
+  code = ("import json, sys; from experiments import bench_train; "
+          "print(json.dumps(bench_train.measure(*sys.argv[1:2], batch_size=int(sys.argv[2]), "
+          "seq_len=int(sys.argv[3]), steps=int(sys.argv[4]), rounds=int(sys.argv[5]))))")
+  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  process = subprocess.run(
+      [sys.executable, "-c", code, preset, str(batch_size), str(seq_len), str(steps), str(rounds)],
+      cwd=repo_root, capture_output=True, text=True, check=False)
+  if process.returncode != 0:
+    raise RuntimeError(f"bench_train.measure({preset!r}, batch_size={batch_size}, "
+                       f"seq_len={seq_len}) failed:\n{process.stderr[-4000:]}")
+  return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def compare_loader_with_step(data_config, tokenizer, *, preset: str, batch_size: int,
+                             seq_len: int, num_batches: int, steps: int, rounds: int,
+                             goal_ratio: float = 10.0) -> dict:
+  """Loader tokens/s (``data_config`` as given) against ``preset``'s train-step tokens/s at the same
+  batch shape, measured one after the other.
+
+  The step is ``experiments.bench_train.measure`` run in a child Python process: bench_train defines
+  absl flags of the same names as this module's (``--batch_size``, ``--seq_len``), so it cannot be
+  imported here, and the child keeps the loader's threads and the step's JAX runtime apart.
+  """
+  loader = measure_loader_tokens_per_s(data_config, tokenizer=tokenizer, batch_size=batch_size,
+                                       seq_len=seq_len, num_batches=num_batches)
+  step = measure_step_tokens_per_s(preset, batch_size=batch_size, seq_len=seq_len, steps=steps,
+                                   rounds=rounds)
+  ratio = loader["tokens_per_s"] / step["tokens_per_s"]
+  return {"preset": preset, "batch_size": batch_size, "seq_len": seq_len,
+          "loader_tokens_per_s": loader["tokens_per_s"],
+          "step_tokens_per_s": round(step["tokens_per_s"], 1), "ratio": round(ratio, 1),
+          "goal_ratio": goal_ratio, "goal_met": bool(ratio >= goal_ratio),
+          "loader": loader, "step": step}
+
+
 def _git_toplevel() -> str:
   try:
     return subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
@@ -126,8 +187,7 @@ def main(argv):
       config.num_threads = 0
       result = measure_loader_tokens_per_s(config, tokenizer=tokenizer, **shape)
     elif case == "kat_fim_on":
-      config.fim.rate, config.fim.structured_rate, config.fim.spm_rate = 0.5, 1.0, 0.5
-      result = measure_loader_tokens_per_s(config, tokenizer=tokenizer, **shape)
+      result = measure_loader_tokens_per_s(fim_on(config), tokenizer=tokenizer, **shape)
     elif case == "kat_mixture":
       repo = _git_toplevel()
       if not repo:
@@ -138,6 +198,13 @@ def main(argv):
       result["commits_repo"] = repo
     elif case == "grain_concat_then_split":
       result = measure_grain_baseline_tokens_per_s(config, tokenizer, **shape)
+    elif case == "loader_vs_step":
+      result = compare_loader_with_step(
+          fim_on(config), tokenizer, preset=_STEP_PRESET.value, batch_size=_STEP_BATCH_SIZE.value,
+          seq_len=_STEP_SEQ_LEN.value, num_batches=_NUM_BATCHES.value, steps=_STEP_STEPS.value,
+          rounds=_STEP_ROUNDS.value, goal_ratio=_GOAL_RATIO.value)
+      print(json.dumps({"case": case, **common, **result}), flush=True)
+      continue
     else:
       raise ValueError(f"unknown case {case!r}; known: {_CASES.default}")
     print(json.dumps({"case": case, **common, **result}), flush=True)
