@@ -9,16 +9,15 @@ from kat_jax.tree.build import (EVENT_TAGS, TAG_MEMORY, TAG_PLAIN, TAG_TOOL_CALL
                                 TrajectoryTree, build_tree, interval_mask, prediction_index)
 from kat_jax.tree.prune import (PruneResult, PruneSettings, default_prune_config,
                                 entropy_node_scores, longest_path_node_scores,
-                                mandatory_node_tokens, prune_longest_path, prune_nodes,
-                                prune_random, prune_tree_batch, prune_with_scores,
-                                random_node_scores, select_nodes, settings_from_config,
-                                tree_budgets)
+                                prune_longest_path, prune_nodes, prune_random,
+                                prune_tree_batch, prune_with_scores, random_node_scores,
+                                settings_from_config, tree_budgets, unit_structure)
 
 __all__ = [
     "EVENT_TAGS", "TAG_MEMORY", "TAG_PLAIN", "TAG_TOOL_CALL", "TAG_TOOL_RESULT", "PruneResult",
     "PruneSettings", "TrajectoryTree", "TreeBatch", "batch_trees", "build_tree", "concat_trees",
     "default_prune_config", "entropy_node_scores", "interval_mask", "longest_path_node_scores",
-    "mandatory_node_tokens", "prediction_index", "prune_longest_path", "prune_nodes",
+    "prediction_index", "prune_longest_path", "prune_nodes",
     "prune_random", "prune_tree_batch", "prune_with_scores", "random_node_scores",
-    "select_nodes", "settings_from_config", "tree_budgets",
+    "settings_from_config", "tree_budgets", "unit_structure",
 ]

@@ -1,44 +1,59 @@
 """Entropy-budget pruning of trajectory trees: which tree tokens get a loss under a token budget.
 
-Even with prefix sharing, a loss on every token of every tree costs too much. Pruning keeps the nodes
-that carry the most training signal within ``budget`` tokens per tree and returns a per-token keep
-mask over the serialized tree. Pruned tokens contribute no loss; kept tokens still attend to their
-full context, and because the kept set is closed under ancestors, the kept tokens' context is kept too
-(the tree could even be compacted to the kept tokens). The public description (KAT-Coder) gives only
-the ingredients; the rule below is ours. docs/PRUNING.md explains the choices and the measurements.
+Even with prefix sharing, a loss on every token of every tree costs too much. Pruning keeps the parts
+of each tree that carry the most training signal within ``budget`` tokens and returns a per-token
+keep mask over the serialized tree. Pruned tokens contribute no loss; kept tokens still attend to
+their full context, and because the kept set is closed under ancestors, the kept tokens' context is
+kept too (the tree could be compacted to the kept tokens). The public description (KAT-Coder) gives
+only the ingredients; the rule below is ours — docs/PRUNING.md explains the choices and measurements.
 
-The rule, per tree (nodes = compressed trie nodes of ``kat_jax.tree.build``, split at tag changes):
+Nodes are the compressed trie nodes of ``kat_jax.tree.build`` (split at tag changes, so a tool call,
+a tool result, a memory event is a node of its own). Per tree:
 
-1. **Score.** ``score[n] = log(agg_entropy[n]) + log(reach[n])`` (the log of a product, so path
-   probabilities cannot underflow). ``agg_entropy`` is the sum or mean of per-token policy entropies
-   over the node's tokens (``entropy_scope='node'``) or its whole subtree (``'subtree'``).
+1. **Events and windows.** An *event node* holds a token tagged in ``event_tags`` (tool_call,
+   tool_result, memory). Its *window* is local context after it: ``event_window_unit='tokens'``: the
+   first ``event_window`` tokens after the event node's end on every branch below it (positions
+   ``[end, end + w)`` of its subtree); ``'nodes'``: every descendant node at most ``w`` node-levels
+   below. Context before an event is its root path (kept by the ancestor closure). Each node gets an
+   *event prefix*: all of an event node, the window-covered prefix of other nodes (a prefix, since a
+   node is a chain). ``event_mode`` says what that prefix means:
+
+   * ``'attached'`` (default): events are atomic with the turn that caused them. The event prefix of
+     a node is *attached* to its nearest strict ancestor node that is not wholly attached (its
+     *head*: the assistant text that emitted the tool call), forming a *unit* = the head's own tokens
+     + everything attached to it. A unit is kept whole or not at all (except the last one, below),
+     so a kept tool call always comes with its result and the model's first reaction, and no event
+     is cut. Event prefixes with no head (events at a root) are mandatory.
+   * ``'mandatory'``: every event prefix and its ancestor closure is always kept (the literal reading
+     of the public description). In agentic trees events lie on almost every path, so the closure
+     is nearly the whole tree (measured in docs/PRUNING.md) — kept as an option, not the default.
+
+   The *mandatory* part (``'mandatory'`` mode; headless events in ``'attached'`` mode) is always
+   kept; if it alone exceeds the budget exactly it is kept and ``mandatory_exceeds_budget`` is set.
+2. **Score** of a unit (in ``'mandatory'`` mode every node is its own unit):
+   ``score = log(agg_entropy) + log(reach)`` (log of a product, so path probabilities cannot
+   underflow). ``agg_entropy``: sum or mean (``entropy_agg``) of per-token policy entropies over the
+   unit's tokens (``entropy_scope='node'``) or over all tokens of the node's subtree (``'subtree'``).
    ``entropies[t]`` is the entropy of the distribution token t was sampled from (computed at its
-   parent's row). ``reach`` is the chance the node is reached: ``'fraction'`` of the trajectories
-   through it, ``'branch'`` the product of empirical branch frequencies along its path (count of the
-   child over the count of all its siblings; equal to the fraction unless trajectories end at inner
-   nodes), ``'policy'`` exp of the summed log-probs of the path through the node's own tokens, or
-   ``'uniform'``. Default: mean over the node × fraction = the node's expected entropy per token in
-   the flat (per-trajectory) loss — the value density of a token-budget knapsack.
-2. **Mandatory part.** Event nodes (any token tagged tool_call / tool_result / memory,
-   ``event_tags``) are kept whole, with a window of local context after them: ``event_window_unit=
-   'tokens'``: the first ``event_window`` tokens after the event node's end on every branch below it
-   (tokens at positions ``[end, end + w)`` in the event's subtree); ``'nodes'``: every descendant node
-   at most ``w`` node-levels below an event node. Context before an event is its root path, kept by
-   the ancestor closure. The mandatory part is the ancestor closure of those tokens.
-3. **Best-first expansion.** A node can only be kept after its parent, so its effective priority is
-   its *bottleneck* ``min(score over its root path)``. Expansion pops nodes from the frontier in
-   decreasing bottleneck order, ties by node index (pre-order, so a parent always precedes its
-   children); each costs its not-yet-mandatory tokens. Expansion *stops* at the first node that does
-   not fit in the remaining budget; that node keeps the prefix of its tokens that fits
-   (``truncate_last_node``; a node is a chain, so a prefix keeps the ancestor closure) and nothing
-   after it is taken. If the mandatory part alone exceeds the budget exactly it is kept and
-   ``mandatory_exceeds_budget`` is set.
+   parent's row; 0 for tokens not sampled from the policy). ``reach``: ``'fraction'`` of the
+   trajectories through the node, ``'branch'`` the product of empirical branch frequencies along its
+   path (child count over the count of all its siblings; equal to the fraction unless trajectories
+   end at inner nodes), ``'policy'`` exp of the summed log-probs of the path through the node's own
+   tokens, or ``'uniform'``. Default: mean over the unit × fraction = the unit's expected entropy
+   per token in the flat (per-trajectory) loss — the value density of a token-budget knapsack.
+3. **Best-first expansion.** A unit can only be kept after the unit above it, so its effective
+   priority is its *bottleneck* ``min(score over the units on its root path)``. Expansion pops units
+   from the frontier in decreasing bottleneck order, ties by node index (pre-order, so a parent
+   precedes its children); each costs its not-yet-kept tokens. Expansion *stops* at the first unit
+   that does not fit the remaining budget; with ``truncate_last_node`` that unit keeps the prefix of
+   its own node's tokens that fits (a prefix of a chain keeps the closure; its attached events are
+   not cut into, so they are dropped), and nothing after it is taken.
 
-Vectorized: bottleneck = path-min by pointer jumping (log depth rounds of gathers); the expansion
-order = stable argsort of ``-bottleneck`` (parents sort before children since their key is not
-smaller and their index is); the budget cut = cumulative token sum over that order. No Python loop
-over nodes; O(T + M log M) per tree, vmapped over the batch. ``kat_jax.tree.reference`` implements
-the same rule with a heap, for the tests.
+Vectorized: bottleneck = path-min by pointer jumping (log-depth rounds of gathers); expansion order =
+stable argsort of ``-bottleneck`` (a unit sorts after the units above it: its key is not smaller and
+its index is larger); the budget cut = cumulative token sum over that order. No Python loop over
+nodes; O(T + M log M) per tree, vmapped over the batch. ``kat_jax.tree.reference`` implements the
+same rule with explicit child lists and a heap, for the tests.
 
 Usage::
 
@@ -63,6 +78,7 @@ ENTROPY_AGGS = ("mean", "sum")
 ENTROPY_SCOPES = ("node", "subtree")
 REACHES = ("fraction", "branch", "policy", "uniform")
 WINDOW_UNITS = ("tokens", "nodes")
+EVENT_MODES = ("attached", "mandatory")
 _NO_EVENT = -(2 ** 30)
 
 
@@ -76,10 +92,11 @@ def default_prune_config() -> ml_collections.ConfigDict:
   c.entropy_agg = "mean"        # mean | sum
   c.entropy_scope = "node"      # node | subtree
   c.reach = "fraction"          # fraction | branch | policy | uniform
-  c.event_tags = EVENT_TAGS     # tags that make a node an event (always kept)
+  c.event_tags = EVENT_TAGS     # tags that make a node an event
+  c.event_mode = "attached"     # attached (events atomic with their turn) | mandatory (always kept)
   c.event_window = 16
   c.event_window_unit = "tokens"  # tokens | nodes
-  c.truncate_last_node = True   # the first node that does not fit keeps the prefix that fits
+  c.truncate_last_node = True   # the first unit that does not fit keeps the prefix that fits
   c.seed = 0                    # for score='random' when no rng is passed
   return c
 
@@ -94,6 +111,7 @@ class PruneSettings(NamedTuple):
   entropy_scope: str
   reach: str
   event_tags: tuple
+  event_mode: str
   event_window: int
   event_window_unit: str
   truncate_last_node: bool
@@ -135,6 +153,7 @@ def settings_from_config(config: Any) -> PruneSettings:
       entropy_scope=_choice("entropy_scope", merged["entropy_scope"], ENTROPY_SCOPES),
       reach=_choice("reach", merged["reach"], REACHES),
       event_tags=tuple(int(t) for t in merged["event_tags"]),
+      event_mode=_choice("event_mode", merged["event_mode"], EVENT_MODES),
       event_window=window,
       event_window_unit=_choice("event_window_unit", merged["event_window_unit"], WINDOW_UNITS),
       truncate_last_node=bool(merged["truncate_last_node"]),
@@ -228,23 +247,86 @@ def _subtree_max(x_m, subtree_end_m):
   return jnp.maximum(table[k, lo], table[k, subtree_end_m - (1 << k)])
 
 
-def _node_quantities(tree):
-  """(node validity [M], M)."""
-  return tree["node_size"] > 0, tree["node_size"].shape[0]
+class _Structure(NamedTuple):
+  """Units and mandatory prefixes of one tree (see the module docstring)."""
+  node_t: jax.Array       # [T] node of each token (clipped into range for padding)
+  offset_t: jax.Array     # [T] index of the token inside its node
+  mandatory: jax.Array    # [M] always-kept prefix of each node
+  attached: jax.Array     # [M] prefix attached to the node's head (0 if none)
+  head: jax.Array         # [M] head node of the attached prefix (-1 if none)
+  is_unit: jax.Array      # [M] the node owns tokens of its own (a unit of the expansion)
+  token_unit: jax.Array   # [T] unit each token belongs to (M for padding)
 
 
-def _entropy_scores_one(tree, entropies_t, logprobs_t, s: PruneSettings):
-  node_valid, m = _node_quantities(tree)
+def _event_prefix_one(tree, s: PruneSettings):
+  """[M] event prefix of each node: whole event nodes, window-covered prefixes of the others."""
+  m = tree["node_size"].shape[0]
+  size = tree["node_size"]
+  parent = tree["node_parent"]
+  tag_event = jnp.zeros_like(tree["token_valid"])
+  for tag in s.event_tags:
+    tag_event = tag_event | (tree["tags"] == tag)
+  tag_event = tag_event & tree["token_valid"]
+  is_event = jax.ops.segment_max(tag_event.astype(jnp.int32), tree["token_node"], m) > 0
+  w = s.event_window
+  if s.event_window_unit == "tokens":
+    pos0 = tree["positions"][tree["node_start"]]
+    window_end = jnp.where(is_event, pos0 + size + w, _NO_EVENT)
+    window_end = path_reduce(window_end, parent, jnp.maximum)
+    from_above = jnp.where(parent >= 0, window_end[jnp.maximum(parent, 0)], _NO_EVENT)
+    prefix = jnp.where(is_event, size, jnp.clip(from_above - pos0, 0, size))
+  else:
+    event_depth = jnp.where(is_event, tree["node_depth"], _NO_EVENT)
+    nearest = path_reduce(event_depth, parent, jnp.maximum)
+    prefix = jnp.where((nearest >= 0) & (tree["node_depth"] - nearest <= w), size, 0)
+  return jnp.where(size > 0, prefix, 0).astype(jnp.int32)
+
+
+def _structure_one(tree, s: PruneSettings) -> _Structure:
+  size = tree["node_size"]
+  parent = tree["node_parent"]
+  m = size.shape[0]
+  t = tree["token_node"].shape[0]
   valid_t = tree["token_valid"]
-  ent_node = jax.ops.segment_sum(jnp.where(valid_t, entropies_t, 0.0).astype(jnp.float32),
-                                 tree["token_node"], m)
-  size = tree["node_size"].astype(jnp.float32)
+  node_t = jnp.minimum(tree["token_node"], m - 1)
+  offset_t = jnp.arange(t) - tree["node_start"][node_t]
+  prefix = _event_prefix_one(tree, s)
+  idx = jnp.arange(m, dtype=jnp.int32)
+  zeros = jnp.zeros((m,), jnp.int32)
+  if s.event_mode == "mandatory":
+    below = _subtree_sum((prefix > 0).astype(jnp.int32), tree["node_subtree_end"], idx + 1)
+    mandatory = jnp.where(below > 0, size, prefix).astype(jnp.int32)
+    attached, head = zeros, zeros - 1
+  else:
+    # Head = nearest strict ancestor that keeps tokens of its own (pre-order: the deepest such
+    # ancestor has the largest index, so a path max finds it).
+    owns = (size > prefix) & (size > 0)
+    nearest = path_reduce(jnp.where(owns, idx, -1), parent, jnp.maximum)
+    head = jnp.where(parent >= 0, nearest[jnp.maximum(parent, 0)], -1)
+    head = jnp.where(prefix > 0, head, -1)
+    attached = jnp.where(head >= 0, prefix, 0)
+    mandatory = jnp.where(head < 0, prefix, 0)  # events with no head: always kept
+  is_unit = (size > attached) & (size > 0)
+  attached_t = offset_t < attached[node_t]
+  token_unit = jnp.where(attached_t, head[node_t], node_t)
+  token_unit = jnp.where(valid_t, token_unit, m)
+  return _Structure(node_t=node_t, offset_t=offset_t, mandatory=mandatory, attached=attached,
+                    head=head, is_unit=is_unit, token_unit=token_unit)
+
+
+def _entropy_scores_one(tree, st: _Structure, entropies_t, logprobs_t, s: PruneSettings):
+  node_valid = tree["node_size"] > 0
+  m = tree["node_size"].shape[0]
+  valid_t = tree["token_valid"]
+  ent_t = jnp.where(valid_t, entropies_t, 0.0).astype(jnp.float32)
   if s.entropy_scope == "subtree":
     idx = jnp.arange(m)
+    ent_node = jax.ops.segment_sum(ent_t, tree["token_node"], m)
     ent = _subtree_sum(ent_node, tree["node_subtree_end"], idx)
-    count = _subtree_sum(size, tree["node_subtree_end"], idx)
+    count = _subtree_sum(tree["node_size"].astype(jnp.float32), tree["node_subtree_end"], idx)
   else:
-    ent, count = ent_node, size
+    ent = jax.ops.segment_sum(ent_t, st.token_unit, m)
+    count = jax.ops.segment_sum(valid_t.astype(jnp.float32), st.token_unit, m)
   agg = ent / jnp.maximum(count, 1.0) if s.entropy_agg == "mean" else ent
   score = jnp.log(jnp.maximum(agg, 0.0))
   traj_count = tree["node_traj_count"].astype(jnp.float32)
@@ -264,58 +346,43 @@ def _entropy_scores_one(tree, entropies_t, logprobs_t, s: PruneSettings):
 
 
 def _longest_path_scores_one(tree):
-  node_valid, _ = _node_quantities(tree)
-  start = tree["node_start"]
-  end_pos = tree["positions"][start] + tree["node_size"]
-  end_pos = jnp.where(node_valid, end_pos, 0)
-  longest = _subtree_max(end_pos, tree["node_subtree_end"])
+  node_valid = tree["node_size"] > 0
+  end_pos = tree["positions"][tree["node_start"]] + tree["node_size"]
+  longest = _subtree_max(jnp.where(node_valid, end_pos, 0), tree["node_subtree_end"])
   return jnp.where(node_valid, jnp.log(longest.astype(jnp.float32)), -jnp.inf)
 
 
-def _mandatory_one(tree, s: PruneSettings):
-  """Tokens of each node (a prefix) that are always kept: events, windows, their ancestors."""
-  node_valid, m = _node_quantities(tree)
+def _select_one(tree, st: _Structure, scores_m, budget, truncate: bool):
+  """Best-first expansion of units by bottleneck score under a token budget -> kept prefix/node."""
   size = tree["node_size"]
-  parent = tree["node_parent"]
-  tag_event = jnp.zeros_like(tree["token_valid"])
-  for tag in s.event_tags:
-    tag_event = tag_event | (tree["tags"] == tag)
-  tag_event = tag_event & tree["token_valid"]
-  is_event = jax.ops.segment_max(tag_event.astype(jnp.int32), tree["token_node"], m) > 0
-  w = s.event_window
-  if s.event_window_unit == "tokens":
-    pos0 = tree["positions"][tree["node_start"]]
-    window_end = jnp.where(is_event, pos0 + size + w, _NO_EVENT)
-    window_end = path_reduce(window_end, parent, jnp.maximum)
-    from_above = jnp.where(parent >= 0, window_end[jnp.maximum(parent, 0)], _NO_EVENT)
-    own = jnp.where(is_event, size, jnp.clip(from_above - pos0, 0, size))
-  else:
-    event_depth = jnp.where(is_event, tree["node_depth"], _NO_EVENT)
-    nearest = path_reduce(event_depth, parent, jnp.maximum)
-    own = jnp.where((nearest >= 0) & (tree["node_depth"] - nearest <= w), size, 0)
-  own = jnp.where(node_valid, own, 0)
-  idx = jnp.arange(m)
-  below = _subtree_sum((own > 0).astype(jnp.int32), tree["node_subtree_end"], idx + 1)
-  return jnp.where(below > 0, size, own).astype(jnp.int32)
-
-
-def select_one(node_parent_m, node_size_m, scores_m, mandatory_m, budget, truncate: bool):
-  """Best-first expansion by bottleneck score under a token budget -> kept prefix per node."""
-  m = scores_m.shape[0]
-  bottleneck = path_reduce(scores_m.astype(jnp.float32), node_parent_m, jnp.minimum)
+  m = size.shape[0]
+  valid_t = tree["token_valid"]
+  unit_score = jnp.where(st.is_unit, scores_m.astype(jnp.float32), jnp.inf)  # others: transparent
+  bottleneck = path_reduce(unit_score, tree["node_parent"], jnp.minimum)
   key = -bottleneck
   key = jnp.where(key == 0, 0.0, key)  # one zero: -0.0 and 0.0 compare equal in the reference
-  key = jnp.where(node_size_m > 0, key, jnp.inf)  # padding nodes last (cost 0 anyway)
+  key = jnp.where(st.is_unit, key, jnp.inf)  # non-units last (they cost nothing)
   order = jnp.argsort(key, stable=True)
-  cost = (node_size_m - mandatory_m)[order]
+  mandatory_t = valid_t & (st.offset_t < st.mandatory[st.node_t])
+  cost = jax.ops.segment_sum((valid_t & ~mandatory_t).astype(jnp.int32), st.token_unit, m)
+  cost = jnp.where(st.is_unit, cost, 0)[order]
   cum_prev = jnp.cumsum(cost) - cost
-  remaining = jnp.maximum(budget - jnp.sum(mandatory_m), 0)
+  remaining = jnp.maximum(budget - jnp.sum(st.mandatory), 0)
   if truncate:
+    full_sorted = remaining - cum_prev >= cost
     extra_sorted = jnp.clip(remaining - cum_prev, 0, cost)
   else:
-    extra_sorted = jnp.where(cum_prev + cost <= remaining, cost, 0)
+    full_sorted = cum_prev + cost <= remaining
+    extra_sorted = jnp.where(full_sorted, cost, 0)
+  full = jnp.zeros((m,), bool).at[order].set(full_sorted)
   extra = jnp.zeros((m,), jnp.int32).at[order].set(extra_sorted.astype(jnp.int32))
-  return mandatory_m + extra
+  # The last (partial) unit keeps a prefix of its own node past what is already kept.
+  base = jnp.maximum(st.mandatory, st.attached)
+  own = jnp.where(full, size, jnp.where(extra > 0, base + jnp.minimum(extra, size - base), 0))
+  own = jnp.where(st.is_unit, own, 0)
+  head_full = (st.head >= 0) & full[jnp.maximum(st.head, 0)]
+  kept = jnp.maximum(jnp.maximum(st.mandatory, jnp.where(head_full, st.attached, 0)), own)
+  return jnp.where(size > 0, kept, 0).astype(jnp.int32)
 
 
 def tree_budgets(batch, config) -> jax.Array:
@@ -334,14 +401,10 @@ def _static(s: PruneSettings) -> PruneSettings:
 
 
 def _prune_one(tree, scores_m, entropies_t, budget, s: PruneSettings):
-  mandatory = _mandatory_one(tree, s)
-  kept = select_one(tree["node_parent"], tree["node_size"], scores_m, mandatory, budget,
-                    s.truncate_last_node)
-  m = kept.shape[0]
-  t = tree["token_node"].shape[0]
-  node_t = jnp.minimum(tree["token_node"], m - 1)
-  offset = jnp.arange(t) - tree["node_start"][node_t]
-  keep = tree["token_valid"] & (offset < kept[node_t])
+  st = _structure_one(tree, s)
+  kept = _select_one(tree, st, scores_m, budget, s.truncate_last_node)
+  keep = tree["token_valid"] & (st.offset_t < kept[st.node_t])
+  mandatory = st.mandatory
 
   weight = jnp.where(tree["token_valid"], entropies_t * tree["token_traj_count"], 0.0)
   total = jnp.sum(weight)
@@ -402,25 +465,21 @@ def random_node_scores(batch, rng) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _mandatory_jit(tree, s):
-  return jax.vmap(lambda t: _mandatory_one(t, s))(tree)
+def _structure_jit(tree, s):
+  return jax.vmap(lambda t: _structure_one(t, s))(tree)
 
 
-def mandatory_node_tokens(batch, config) -> jax.Array:
-  """[B, M] tokens of each node in the mandatory part (events, windows, their ancestors)."""
-  return _mandatory_jit(_tree_arrays(batch), _static(settings_from_config(config)))
-
-
-@functools.partial(jax.jit, static_argnums=5)
-def select_nodes(node_parent_bm, node_size_bm, scores_bm, mandatory_bm, budget_b,
-                 truncate_last_node: bool = True) -> jax.Array:
-  """[B, M] kept prefix per node: the vectorized best-first expansion (see module docstring)."""
-  fn = lambda p, z, sc, md, bu: select_one(p, z, sc, md, bu, truncate_last_node)
-  return jax.vmap(fn)(node_parent_bm, node_size_bm, scores_bm, mandatory_bm, budget_b)
+def unit_structure(batch, config) -> dict:
+  """Per node [B, M]: ``mandatory``, ``attached`` (prefix lengths), ``head``, ``is_unit``."""
+  st = _structure_jit(_tree_arrays(batch), _static(settings_from_config(config)))
+  return {"mandatory": st.mandatory, "attached": st.attached, "head": st.head,
+          "is_unit": st.is_unit}
 
 
 def _entropy_scores_impl(tree, entropies_bt, logprobs_bt, s):
-  return jax.vmap(lambda t, e, lp: _entropy_scores_one(t, e, lp, s))(tree, entropies_bt, logprobs_bt)
+  def one(t, e, lp):
+    return _entropy_scores_one(t, _structure_one(t, s), e, lp, s)
+  return jax.vmap(one)(tree, entropies_bt, logprobs_bt)
 
 
 def _prune_impl(tree, scores_bm, entropies_bt, budget_b, s):

@@ -3,9 +3,9 @@
 * ``reference_serialization(trajectories)`` builds a dict trie, serializes it in DFS pre-order
   (children by token id) and returns tokens, positions and the dense ancestor-or-self mask computed
   from the trie itself (not from intervals) — the tree tests compare ``build_tree`` against it.
-* ``reference_node_scores``, ``reference_mandatory_tokens`` and ``reference_prune`` implement the
-  entropy-budget pruning rule of ``kat_jax.tree.prune`` with explicit child lists, root-path walks
-  and a heap-driven best-first expansion — the pruning tests compare the jitted code against them.
+* ``reference_units``, ``reference_node_scores`` and ``reference_prune`` implement the entropy-budget
+  pruning rule of ``kat_jax.tree.prune`` with explicit child lists, root-path walks and a
+  heap-driven best-first expansion over units — the pruning tests compare the jitted code with them.
 
 Slow by design (Python loops over tokens and nodes); for tests and benchmarks only.
 """
@@ -60,6 +60,78 @@ def _log(x: float) -> float:
   return math.log(x) if x > 0 else -math.inf
 
 
+def _event_prefix(tree: TrajectoryTree, s) -> list:
+  """Event nodes whole; window-covered prefixes of the nodes below them (child-list walks)."""
+  m = tree.num_nodes
+  kids = _children(tree)
+  starts, sizes = tree.node_start.tolist(), tree.node_size.tolist()
+  pos0 = [int(tree.positions[a]) for a in starts]
+  tags = tree.tags.tolist()
+  is_event = [any(tags[a + i] in s.event_tags for i in range(z)) for a, z in zip(starts, sizes)]
+  prefix = [0] * m
+  w = s.event_window
+  for e in range(m):
+    if not is_event[e]:
+      continue
+    prefix[e] = sizes[e]
+    if s.event_window_unit == "tokens":
+      end = pos0[e] + sizes[e] + w
+      stack = list(kids[e])
+      while stack:
+        d = stack.pop()
+        prefix[d] = max(prefix[d], min(sizes[d], max(0, end - pos0[d])))
+        if pos0[d] + sizes[d] < end:
+          stack.extend(kids[d])
+    else:
+      frontier = list(kids[e])
+      for _ in range(w):
+        for d in frontier:
+          prefix[d] = sizes[d]
+        frontier = [c for d in frontier for c in kids[d]]
+  return prefix
+
+
+def reference_units(tree: TrajectoryTree, config) -> dict:
+  """Per node: mandatory / attached prefix lengths, head node (-1 none), is_unit (lists)."""
+  s = settings_from_config(config)
+  m = tree.num_nodes
+  sizes = tree.node_size.tolist()
+  parents = tree.node_parent.tolist()
+  prefix = _event_prefix(tree, s)
+  mandatory, attached, head = [0] * m, [0] * m, [-1] * m
+  if s.event_mode == "mandatory":
+    mandatory = list(prefix)
+    for n in range(m):
+      if prefix[n] > 0:
+        p = parents[n]
+        while p >= 0:
+          mandatory[p] = sizes[p]
+          p = parents[p]
+  else:
+    for n in range(m):
+      if prefix[n] == 0:
+        continue
+      p = parents[n]
+      while p >= 0 and prefix[p] >= sizes[p]:   # skip wholly attached ancestors
+        p = parents[p]
+      if p >= 0:
+        head[n], attached[n] = p, prefix[n]
+      else:
+        mandatory[n] = prefix[n]
+  is_unit = [sizes[n] > attached[n] for n in range(m)]
+  return {"mandatory": mandatory, "attached": attached, "head": head, "is_unit": is_unit}
+
+
+def _unit_tokens(tree: TrajectoryTree, units: dict) -> list:
+  """For each node-as-unit, the (node, offset) tokens it owns."""
+  owned = [[] for _ in range(tree.num_nodes)]
+  for n, z in enumerate(tree.node_size.tolist()):
+    for o in range(z):
+      owner = units["head"][n] if o < units["attached"][n] else n
+      owned[owner].append((n, o))
+  return owned
+
+
 def reference_node_scores(tree: TrajectoryTree, entropies: np.ndarray, config,
                           logprobs: Optional[np.ndarray] = None) -> np.ndarray:
   """float64 [M] scores of the entropy rule (log domain), from child lists and root-path walks."""
@@ -68,20 +140,22 @@ def reference_node_scores(tree: TrajectoryTree, entropies: np.ndarray, config,
   kids = _children(tree)
   starts, sizes = tree.node_start.tolist(), tree.node_size.tolist()
   parents = tree.node_parent.tolist()
-  own_ent = [float(np.sum(np.asarray(entropies[a:a + z], np.float64))) for a, z in zip(starts, sizes)]
   if s.entropy_scope == "subtree":
-    ent, count = list(own_ent), [float(z) for z in sizes]
+    ent = [float(np.sum(np.asarray(entropies[a:a + z], np.float64))) for a, z in zip(starts, sizes)]
+    count = [float(z) for z in sizes]
     for n in range(m - 1, -1, -1):      # children after parents in pre-order
       for c in kids[n]:
         ent[n] += ent[c]
         count[n] += count[c]
   else:
-    ent, count = own_ent, [float(z) for z in sizes]
+    owned = _unit_tokens(tree, reference_units(tree, s))
+    ent = [sum(float(entropies[starts[n] + o]) for n, o in toks) for toks in owned]
+    count = [float(len(toks)) for toks in owned]
   scores = []
   k = tree.num_traj
   counts = tree.node_traj_count.tolist()
   for n in range(m):
-    agg = ent[n] / count[n] if s.entropy_agg == "mean" else ent[n]
+    agg = (ent[n] / count[n] if count[n] else 0.0) if s.entropy_agg == "mean" else ent[n]
     score = _log(agg)
     if s.reach == "fraction":
       score += _log(counts[n] / k)
@@ -110,46 +184,6 @@ def reference_longest_path_scores(tree: TrajectoryTree) -> np.ndarray:
   return np.log(np.array(longest, np.float64))
 
 
-def reference_mandatory_tokens(tree: TrajectoryTree, config) -> np.ndarray:
-  """int [M]: the kept prefix every node must keep (event nodes, windows, their ancestors)."""
-  s = settings_from_config(config)
-  m = tree.num_nodes
-  kids = _children(tree)
-  starts, sizes = tree.node_start.tolist(), tree.node_size.tolist()
-  pos0 = [int(tree.positions[a]) for a in starts]
-  tags = tree.tags.tolist()
-  is_event = [any(tags[a + i] in s.event_tags for i in range(z)) for a, z in zip(starts, sizes)]
-  own = [0] * m
-  w = s.event_window
-  for e in range(m):
-    if not is_event[e]:
-      continue
-    own[e] = sizes[e]
-    if s.event_window_unit == "tokens":
-      end = pos0[e] + sizes[e] + w
-      stack = list(kids[e])
-      while stack:
-        d = stack.pop()
-        covered = min(sizes[d], max(0, end - pos0[d]))
-        own[d] = max(own[d], covered)
-        if pos0[d] + sizes[d] < end:
-          stack.extend(kids[d])
-    else:
-      frontier = list(kids[e])
-      for _ in range(w):
-        for d in frontier:
-          own[d] = sizes[d]
-        frontier = [c for d in frontier for c in kids[d]]
-  mandatory = list(own)
-  for n in range(m):
-    if own[n] > 0:
-      p = int(tree.node_parent[n])
-      while p >= 0:
-        mandatory[p] = sizes[p]
-        p = int(tree.node_parent[p])
-  return np.array(mandatory, np.int64)
-
-
 def reference_budget(tree: TrajectoryTree, config) -> int:
   s = settings_from_config(config)
   if s.budget_tokens >= 0:
@@ -160,33 +194,53 @@ def reference_budget(tree: TrajectoryTree, config) -> int:
 def reference_prune(tree: TrajectoryTree, entropies: Optional[np.ndarray], config, *,
                     node_scores: Optional[np.ndarray] = None,
                     logprobs: Optional[np.ndarray] = None):
-  """Heap best-first expansion. Returns (keep bool [N], node_kept int [M], mandatory_exceeds).
+  """Heap best-first expansion of units. Returns (keep bool [N], node_kept int [M], exceeds).
 
-  The heap holds the frontier keyed by (-bottleneck, node index), bottleneck = min score on the
-  root path. ``node_scores`` overrides the entropy scores (exact comparisons with the jitted code).
+  The heap holds the frontier of units keyed by (-bottleneck, node index), bottleneck = min score
+  of the units on the root path. ``node_scores`` overrides the entropy scores (exact comparisons
+  with the jitted code, free of float32-vs-float64 rounding).
   """
   s = settings_from_config(config)
   scores = (reference_node_scores(tree, entropies, s, logprobs) if node_scores is None
             else np.asarray(node_scores, np.float64))
-  mandatory = reference_mandatory_tokens(tree, s)
+  units = reference_units(tree, s)
+  mandatory, attached, head = units["mandatory"], units["attached"], units["head"]
+  is_unit = units["is_unit"]
   budget = reference_budget(tree, s)
-  kids = _children(tree)
+  m = tree.num_nodes
   sizes = tree.node_size.tolist()
-  kept = [int(x) for x in mandatory]
-  remaining = max(budget - int(mandatory.sum()), 0)
-  heap = [(-float(scores[n]), n) for n in range(tree.num_nodes) if tree.node_parent[n] < 0]
+  parents = tree.node_parent.tolist()
+  owned = _unit_tokens(tree, units)
+  cost = [sum(1 for n, o in toks if o >= mandatory[n]) for toks in owned]
+  unit_parent = [-1] * m
+  unit_kids = [[] for _ in range(m)]
+  roots = []
+  for n in range(m):
+    if not is_unit[n]:
+      continue
+    p = parents[n]
+    while p >= 0 and not is_unit[p]:
+      p = parents[p]
+    unit_parent[n] = p
+    (unit_kids[p] if p >= 0 else roots).append(n)
+  kept = list(mandatory)
+  remaining = max(budget - sum(mandatory), 0)
+  heap = [(-float(scores[n]), n) for n in roots]
   heapq.heapify(heap)
   while heap:
     neg_bottleneck, n = heapq.heappop(heap)
-    cost = sizes[n] - kept[n]
-    if cost > remaining and not s.truncate_last_node:
-      break
-    take = min(cost, remaining)
-    kept[n] += take
-    remaining -= take
-    for c in kids[n]:
-      heapq.heappush(heap, (max(neg_bottleneck, -float(scores[c])), c))
+    if cost[n] <= remaining:
+      remaining -= cost[n]
+      for node, _ in owned[n]:
+        kept[node] = max(kept[node], sizes[node] if node == n else attached[node])
+      for c in unit_kids[n]:
+        heapq.heappush(heap, (max(neg_bottleneck, -float(scores[c])), c))
+      continue
+    if s.truncate_last_node and remaining > 0:
+      base = max(mandatory[n], attached[n])
+      kept[n] = max(kept[n], base + min(remaining, sizes[n] - base))
+    break
   keep = np.zeros(tree.n_tree, bool)
-  for n, (a, k) in enumerate(zip(tree.node_start.tolist(), kept)):
+  for a, k in zip(tree.node_start.tolist(), kept):
     keep[a:a + k] = True
-  return keep, np.array(kept, np.int64), int(mandatory.sum()) > budget
+  return keep, np.array(kept, np.int64), sum(mandatory) > budget

@@ -12,8 +12,7 @@ from kat_jax.tree import prune
 from kat_jax.tree.batch import batch_trees
 from kat_jax.tree.build import EVENT_TAGS, build_tree
 from kat_jax.tree.reference import (reference_budget, reference_longest_path_scores,
-                                    reference_mandatory_tokens, reference_node_scores,
-                                    reference_prune)
+                                    reference_node_scores, reference_prune, reference_units)
 from tree_strategies import trajectory_sets
 
 # One padded shape for every example, so each rule variant compiles once.
@@ -58,10 +57,12 @@ def _assert_scores_close(got, want):
   np.testing.assert_allclose(got[fin], want[fin], rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("agg", prune.ENTROPY_AGGS)
-@pytest.mark.parametrize("scope", prune.ENTROPY_SCOPES)
-@pytest.mark.parametrize("reach", prune.REACHES)
-@hypothesis.settings(max_examples=8, deadline=None)
+# Every reach with both aggregations and both scopes (8 of the 16 combinations).
+@pytest.mark.parametrize("agg,scope,reach", [
+    ("mean", "node", "fraction"), ("sum", "subtree", "fraction"), ("sum", "node", "branch"),
+    ("mean", "subtree", "branch"), ("mean", "subtree", "policy"), ("sum", "node", "policy"),
+    ("mean", "node", "uniform"), ("sum", "subtree", "uniform")])
+@hypothesis.settings(max_examples=12, deadline=None)
 @hypothesis.given(tree=trees(), seed=st.integers(0, 2 ** 31 - 1))
 def test_entropy_scores_match_reference(agg, scope, reach, tree, seed):
   config = _config(entropy_agg=agg, entropy_scope=scope, reach=reach)
@@ -79,24 +80,31 @@ def test_longest_path_scores_match_reference(tree):
   np.testing.assert_allclose(got[:tree.num_nodes], reference_longest_path_scores(tree), rtol=1e-6)
 
 
+@pytest.mark.parametrize("mode", prune.EVENT_MODES)
 @pytest.mark.parametrize("unit,window", [("tokens", 0), ("tokens", 3), ("nodes", 0), ("nodes", 2)])
-@SETTINGS
+@hypothesis.settings(max_examples=15, deadline=None)
 @hypothesis.given(tree=trees())
-def test_mandatory_part_matches_reference(unit, window, tree):
-  config = _config(event_window=window, event_window_unit=unit)
-  got = np.asarray(prune.mandatory_node_tokens(_batch([tree]), config))[0]
-  np.testing.assert_array_equal(got[:tree.num_nodes], reference_mandatory_tokens(tree, config))
-  assert (got[tree.num_nodes:] == 0).all()
+def test_units_and_mandatory_part_match_reference(mode, unit, window, tree):
+  config = _config(event_window=window, event_window_unit=unit, event_mode=mode)
+  got = {k: np.asarray(v)[0] for k, v in prune.unit_structure(_batch([tree]), config).items()}
+  want = reference_units(tree, config)
+  m = tree.num_nodes
+  for k in ("mandatory", "attached", "is_unit"):
+    np.testing.assert_array_equal(got[k][:m], want[k], err_msg=k)
+  attached = np.asarray(want["attached"]) > 0
+  np.testing.assert_array_equal(got["head"][:m][attached], np.asarray(want["head"])[attached])
+  assert (got["mandatory"][m:] == 0).all() and not got["is_unit"][m:].any()
 
 
-@pytest.mark.parametrize("unit,window,truncate",
-                         [("tokens", 0, True), ("tokens", 3, False), ("nodes", 1, True)])
+@pytest.mark.parametrize("mode,unit,window,truncate", [
+    ("attached", "tokens", 2, True), ("attached", "nodes", 1, False),
+    ("mandatory", "tokens", 0, True), ("mandatory", "tokens", 3, False)])
 @SETTINGS
 @hypothesis.given(tree=trees(), seed=st.integers(0, 2 ** 31 - 1), budget=st.integers(0, 130))
-def test_selection_matches_heap_reference(unit, window, truncate, tree, seed, budget):
+def test_selection_matches_heap_reference(mode, unit, window, truncate, tree, seed, budget):
   """Caller-given scores with many ties and -inf: the sort+cumsum expansion == the heap."""
   config = _config(event_window=window, event_window_unit=unit, truncate_last_node=truncate,
-                   budget_tokens=budget)
+                   budget_tokens=budget, event_mode=mode)
   rng = np.random.default_rng(seed)
   scores = rng.choice([-np.inf, -1.0, 0.0, 0.5, 2.0], size=(1, M_MAX)).astype(np.float32)
   result = prune.prune_with_scores(_batch([tree]), scores, config)
@@ -111,6 +119,7 @@ def test_selection_matches_heap_reference(unit, window, truncate, tree, seed, bu
     {"entropy_scope": "subtree", "entropy_agg": "sum", "reach": "branch"},
     {"reach": "policy", "event_window_unit": "nodes", "event_window": 1,
      "truncate_last_node": False},
+    {"event_mode": "mandatory", "entropy_scope": "subtree"},
 ])
 @SETTINGS
 @hypothesis.given(tree=trees(), seed=st.integers(0, 2 ** 31 - 1),
@@ -128,16 +137,20 @@ def test_end_to_end_matches_reference(overrides, tree, seed, fraction):
   assert not np.asarray(result.keep_mask)[0, tree.n_tree:].any()
 
 
+@pytest.mark.parametrize("mode", prune.EVENT_MODES)
 @SETTINGS
 @hypothesis.given(tree=trees(), seed=st.integers(0, 2 ** 31 - 1), budget=st.integers(0, 130),
                   more=st.integers(0, 40), truncate=st.booleans())
-def test_invariants(tree, seed, budget, more, truncate):
-  config = _config(budget_tokens=budget, event_window=2, truncate_last_node=truncate)
+def test_invariants(mode, tree, seed, budget, more, truncate):
+  config = _config(budget_tokens=budget, event_window=2, truncate_last_node=truncate,
+                   event_mode=mode)
   ent, _ = _signals(seed)
   batch = _batch([tree])
   res = prune.prune_nodes(batch, ent, config)
   keep = np.asarray(res.keep_mask)[0, :tree.n_tree]
-  mandatory = reference_mandatory_tokens(tree, config)
+  node_kept = np.asarray(res.node_kept_tokens)[0, :tree.num_nodes]
+  units = reference_units(tree, config)
+  mandatory = np.asarray(units["mandatory"])
   mandatory_mask = np.zeros(tree.n_tree, bool)
   for a, z in zip(tree.node_start, mandatory):
     mandatory_mask[a:a + z] = True
@@ -148,14 +161,23 @@ def test_invariants(tree, seed, budget, more, truncate):
     np.testing.assert_array_equal(keep, mandatory_mask)          # exactly the mandatory part
   else:
     assert not metrics["mandatory_exceeds_budget"] and keep.sum() <= budget
-    if truncate:
+    if truncate and mode == "mandatory":
       assert keep.sum() == min(budget, tree.n_tree)               # the budget is used exactly
   assert keep[mandatory_mask].all()
-  assert keep[np.isin(tree.tags, EVENT_TAGS)].all()                # events always kept
+  event_t = np.isin(tree.tags, EVENT_TAGS)
+  if mode == "mandatory":
+    assert keep[event_t].all()                                    # events always kept
+  else:
+    # Events are atomic with their head: an attached prefix is kept whole or not at all, and only
+    # below a complete head node.
+    for n in range(tree.num_nodes):
+      h = units["head"][n]
+      if units["attached"][n] > 0:
+        assert node_kept[n] == 0 or node_kept[n] >= units["attached"][n]
+        assert node_kept[n] == 0 or node_kept[h] == tree.node_size[h]
   has_parent = tree.parent >= 0
   assert (~keep[has_parent] | keep[tree.parent[has_parent]]).all()  # ancestor closure
-  full = np.asarray(res.node_kept_tokens)[0, :tree.num_nodes] == tree.node_size
-  assert metrics["kept_nodes"] == full.sum()
+  assert metrics["kept_nodes"] == (node_kept == tree.node_size).sum()
   last = tree.row_map[np.arange(tree.num_traj), tree.lengths - 1]
   assert metrics["kept_trajectories"] == keep[last].sum()
   weight = ent[0, :tree.n_tree].astype(np.float64) * tree.token_traj_count
@@ -187,10 +209,13 @@ def test_baselines_and_hook():
   tags = [[0, 0, 0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 2]]
   tree = build_tree(trajs, tags=tags)
   batch = _batch([tree])
-  config = _config(budget_tokens=6, event_window=0)
-  # Longest path: the 6-token trajectory first (then the mandatory tool result 8, 9).
+  # Longest path: the 6-token trajectory first.
+  config = _config(budget_tokens=6, event_window=0, event_mode="mandatory")
   keep = np.asarray(prune.prune_longest_path(batch, config).keep_mask)[0, :tree.n_tree]
-  np.testing.assert_array_equal(tree.tokens[keep], [1, 2, 3, 4, 5, 6, 8, 9][:6 - 2] + [8, 9])
+  np.testing.assert_array_equal(tree.tokens[keep], [1, 2, 3, 4, 8, 9])  # 1, 8, 9 mandatory
+  config = _config(budget_tokens=6, event_window=0)  # attached: the result 9 goes with its head 8
+  keep = np.asarray(prune.prune_longest_path(batch, config).keep_mask)[0, :tree.n_tree]
+  np.testing.assert_array_equal(tree.tokens[keep], [1, 2, 3, 4, 5, 6])
   # Random: deterministic per rng, same invariants.
   a = prune.prune_random(batch, config, jax.random.PRNGKey(3)).keep_mask
   b = prune.prune_random(batch, config, jax.random.PRNGKey(3)).keep_mask
