@@ -29,6 +29,19 @@ def test_extract_code_and_humaneval_cut():
   assert eval_cli.humaneval_completion(body) == body
 
 
+def test_find_tokenizer_dir(tmp_path):
+  import ml_collections
+  config = ml_collections.ConfigDict({"data": {"tokenizer_path": ""}})
+  root = tmp_path / "tokenizer"
+  with pytest.raises(FileNotFoundError, match="no tokenizer"):
+    eval_cli.find_tokenizer_dir(str(tmp_path), config)
+  (root / "abc123").mkdir(parents=True)                  # mid-training's cache layout
+  (root / "abc123" / "tokenizer.model").write_bytes(b"")
+  assert eval_cli.find_tokenizer_dir(str(tmp_path), config) == str(root / "abc123")
+  (root / "tokenizer.model").write_bytes(b"")            # saved by the loop
+  assert eval_cli.find_tokenizer_dir(str(tmp_path), config) == str(root)
+
+
 def _check_consistent(suite: dict, ks):
   """Table pass@k = mean over tasks of the unbiased estimator of that task's recorded verdicts."""
   assert suite["num_tasks"] == len(suite["tasks"])

@@ -168,6 +168,13 @@ class Sampler:
     if config.stop_strings and tokenizer is None:
       raise ValueError(f"stop_strings={config.stop_strings!r} need a tokenizer to decode the "
                        "generated tokens: pass tokenizer=")
+    tok_vocab = getattr(tokenizer, "vocab_size", None)
+    if tok_vocab is not None and tok_vocab < self.model.cfg.vocab_size and not (
+        0 < config.vocab_limit <= tok_vocab):
+      raise ValueError(
+          f"the tokenizer has {tok_vocab} ids but the model samples from "
+          f"{self.model.cfg.vocab_size}: ids >= {tok_vocab} could not be decoded; set "
+          f"SamplingConfig(vocab_limit={tok_vocab})")
     batch = len(prompts)
     state = self.start(prompts, rng, config)
     stop_now = self._put(np.zeros(state.done_b.shape, np.bool_))

@@ -156,6 +156,10 @@ def test_stop_strings_cut_after_the_completing_token(setup, check_every):
   assert cut_at_stop_string("abXcdYe", ("Y", "cd"), keep=True) == "abXcd"
   with pytest.raises(ValueError, match="need a tokenizer"):
     sampler.generate(PROMPTS, jax.random.key(0), config)
+  small = _LetterTokenizer()
+  small.vocab_size = 26
+  with pytest.raises(ValueError, match="vocab_limit=26"):
+    sampler.generate(PROMPTS, jax.random.key(0), config, small)
 
 
 def test_batch_equals_one_by_one_and_fixed_keys_reproduce(setup):
