@@ -325,7 +325,8 @@ def _define_flags() -> dict:
       "num_samples": flags.DEFINE_integer("num_samples", 1, "Samples per prompt."),
       "ks": flags.DEFINE_list("ks", ["1"], "pass@k values (each <= num_samples)."),
       "temperature": flags.DEFINE_float(
-          "temperature", None, "Sampling temperature; default 0 (greedy) for one sample, else 0.8."),
+          "temperature", None,
+          "Sampling temperature; default 0 (greedy) for one sample, else 0.8."),
       "top_p": flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off)."),
       "top_k": flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off)."),
       "max_new_tokens": flags.DEFINE_integer("max_new_tokens", 256,

@@ -111,7 +111,7 @@ def entropy(logprobs_bv: jax.Array) -> jax.Array:
 
 def sample_tokens(keys_b: jax.Array, logits_bv: jax.Array, logprobs_bv: jax.Array,
                   config: SamplingConfig) -> jax.Array:
-  """One token per row: argmax of the raw logits (greedy), else a draw from pi with the row's key."""
+  """One token per row: the argmax of the raw logits (greedy), else a draw from pi (row's key)."""
   if config.greedy:
     return jnp.argmax(restrict_vocab(logits_bv, config), axis=-1).astype(jnp.int32)
   return jax.vmap(jax.random.categorical)(keys_b, logprobs_bv).astype(jnp.int32)

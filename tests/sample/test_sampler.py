@@ -74,8 +74,8 @@ def test_greedy_equals_argmax_of_full_forward_with_its_logprobs_and_entropies(se
   ref = _recomputed(full_logits, PROMPTS, out)
   np.testing.assert_array_equal(out.tokens, ref.argmax(-1))
   logp = np.asarray(jax.nn.log_softmax(jnp.asarray(ref)))
-  np.testing.assert_allclose(out.logprobs, np.take_along_axis(logp, out.tokens[..., None], -1)[..., 0],
-                             atol=1e-4)
+  chosen = np.take_along_axis(logp, out.tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(out.logprobs, chosen, atol=1e-4)
   np.testing.assert_allclose(out.entropies, -(np.exp(logp) * logp).sum(-1), atol=1e-4)
 
 
