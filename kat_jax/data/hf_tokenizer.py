@@ -34,12 +34,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterable, Mapping, Optional, Sequence
-
-import tokenizers
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
+from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 
 from kat_jax.data import special_tokens as st
+
+if TYPE_CHECKING:
+  import tokenizers
 
 TOKENIZER_FILENAME = "tokenizer.json"
 CONFIG_FILENAME = "tokenizer_config.json"
@@ -47,6 +47,16 @@ INFO_FILENAME = "kat_tokenizer.json"
 # Qwen2 / Qwen2.5 / Qwen3 pre-tokenizer split pattern (from their tokenizer.json).
 QWEN_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                       r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _tokenizers():
+  """The ``tokenizers`` package (extra ``hf``), imported on first use so that this module — and
+  ``is_hf_tokenizer_dir`` — load without it."""
+  try:
+    import tokenizers
+  except ImportError as e:
+    raise ImportError("HFTokenizer needs the 'tokenizers' package: pip install -e '.[hf]'") from e
+  return tokenizers
 
 
 def _token_content(value) -> Optional[str]:
@@ -99,7 +109,9 @@ class HFTokenizer:
       else:
         self._special_ids[special] = added[token]
     if missing and add_missing_special_tokens:
-      self._tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in missing])
+      added_token = _tokenizers().AddedToken
+      self._tok.add_special_tokens([added_token(s, special=True, normalized=False)
+                                    for s in missing])
       added = self._added_tokens()
       for special in missing:
         self._special_ids[special] = added[special]
@@ -154,7 +166,7 @@ class HFTokenizer:
     if os.path.exists(info_path) and "special_token_aliases" not in kwargs:
       with open(info_path) as f:
         kwargs["special_token_aliases"] = json.load(f).get("special_token_aliases") or None
-    return cls(tokenizers.Tokenizer.from_file(path), tokenizer_config=tokenizer_config, **kwargs)
+    return cls(_tokenizers().Tokenizer.from_file(path), tokenizer_config=tokenizer_config, **kwargs)
 
   @classmethod
   def train(cls, texts: Iterable[str], *, vocab_size: int = 2048,
@@ -163,6 +175,8 @@ class HFTokenizer:
     """A Qwen-style tokenizer (NFC, Qwen split pattern, byte-level BPE) trained on ``texts``, with
     ``special_tokens`` added as special and ``plain_added_tokens`` as non-special added tokens (as
     Qwen adds ``<tool_call>``); seconds on a few MB."""
+    tokenizers = _tokenizers()
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
     tok = tokenizers.Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([

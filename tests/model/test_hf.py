@@ -17,10 +17,11 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from safetensors.numpy import load_file, save_file
 
 torch = pytest.importorskip("torch", reason="extra 'hf' (torch CPU + transformers) not installed")
 transformers = pytest.importorskip("transformers", reason="extra 'hf' not installed")
+safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="extra 'hf' not installed")
+load_file, save_file = safetensors_numpy.load_file, safetensors_numpy.save_file
 
 from kat_jax import sharding as sharding_lib  # noqa: E402
 from kat_jax.model import ModelConfig, Transformer, hf, intervals_from_segment_ids  # noqa: E402
@@ -282,6 +283,10 @@ def test_convert_workdir_round_trip_and_init_from(hf_models, tmp_path):
                                   (a.sharding == s.sharding) or pytest.fail(str(a.sharding))),
                  restored, imported, abstract)
 
+  as_saved = hf.restore_params(workdir)      # no target given: the saved tree on one device
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               as_saved, imported)
+
   out = str(tmp_path / "exported")
   convert.workdir_to_hf(workdir, out, max_shard_bytes=100_000)
   source, exported = _read_all(src), _read_all(out)
@@ -326,6 +331,14 @@ def test_init_from_a_trainer_checkpoint_and_the_loop_hook(hf_models, tmp_path):
                  restored, params)
   with pytest.raises(FileNotFoundError, match="step 3"):
     hf.init_params_from(str(tmp_path / "run") + "@3", abstract.params, cfg)
+
+  # A PPO critic starts from the same checkpoint: its value head (absent in HF) is zero-initialized.
+  critic_cfg = ModelConfig.from_config(ml_collections.ConfigDict(
+      {**model_config.to_dict(), "value_head": True}))
+  critic = hf.init_params_from(path, hf.abstract_params(critic_cfg, mesh, rules), critic_cfg)
+  np.testing.assert_array_equal(np.asarray(critic.pop("value_head")), 0.0)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               critic, params)
 
 
 def test_convert_command_line(hf_models, tmp_path):

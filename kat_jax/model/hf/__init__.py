@@ -8,8 +8,9 @@ Usage::
   hf.export_hf(params, ModelConfig.from_config(model_config), "/out", torch_dtype="bfloat16")
   params = hf.init_params_from(config.init_from, abstract_state.params, model_cfg)
 
-Needs ``safetensors`` (and ``ml_dtypes``, a JAX dependency) only; ``transformers``/``torch`` are for
-tests. Command line: ``python -m experiments.convert``.
+Import needs no extra package (the safetensors reader is ours); export writes with ``safetensors``
+(extra ``hf``); ``transformers``/``torch`` are only for the parity tests. Command line:
+``python -m experiments.convert``.
 """
 from kat_jax.model.hf.config import (FAMILIES, UnsupportedCheckpointError, hf_config_from_model,
                                      model_config_from_hf, read_hf_config)

@@ -26,7 +26,6 @@ from typing import Optional
 
 import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -158,6 +157,7 @@ class ShardedWriter:
   def _flush(self) -> None:
     if not self._pending:
       return
+    from safetensors.numpy import save_file   # extra 'hf'; reading needs no package
     path = os.path.join(self.out_dir, f"shard-{len(self._shards):05d}.tmp.safetensors")
     save_file(self._pending, path, metadata=self.metadata)
     self._shards.append(list(self._pending))
