@@ -17,9 +17,12 @@ it and the fix when asked for — so chat rendering fails clearly on a conversat
 ``>= `` the original vocabulary size: the model's embedding must have a row for it; Qwen checkpoints
 reserve a few hundred).
 
-As with our SentencePiece tokenizer, ``encode`` never produces an added token's id from ordinary
+As with our SentencePiece tokenizer, ``encode`` never produces a control token's id from ordinary
 text: a literal ``"<|im_end|>"`` in a source file is cut after its first character and encoded as plain
-text (HF tokenizers would turn it into the special id). Renderers splice specials with ``token_id``.
+text (HF tokenizers would turn it into the special id). Control tokens are the added tokens that are
+special, mapped to a kat_jax special, or markup-shaped ``<...>`` (Qwen's non-special ``<tool_call>``,
+``<think>``); other added tokens (whitespace runs some code tokenizers add) stay ordinary vocabulary
+and match as in HF. Renderers splice specials with ``token_id``.
 ``decode(encode(x)) == x`` holds for the byte-level BPE tokenizers of Qwen and Llama 3 on text in Unicode
 normal form C (Qwen's tokenizer NFC-normalizes).
 
@@ -125,9 +128,13 @@ class HFTokenizer:
     self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
     self.eos_id: int = self._special_ids[st.END_OF_TEXT]
     self.pad_id: int = self._special_ids[st.PAD]
-    added_strings = sorted(self._added_tokens(), key=len, reverse=True)
-    self._added_pattern = (re.compile("|".join(re.escape(s) for s in added_strings))
-                           if added_strings else None)
+    mapped = {self.id_to_piece(i) for i in self._special_ids.values()}
+    protected = sorted((t.content for t in self._tok.get_added_tokens_decoder().values()
+                        if t.special or t.content in mapped
+                        or (t.content.startswith("<") and t.content.endswith(">"))),
+                       key=len, reverse=True)
+    self._protected_pattern = (re.compile("|".join(re.escape(s) for s in protected))
+                               if protected else None)
 
   def _added_tokens(self) -> dict[str, int]:
     return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
@@ -211,13 +218,13 @@ class HFTokenizer:
     return self._tok.encode(text, add_special_tokens=False).ids if text else []
 
   def encode(self, text: str) -> list[int]:
-    """Ids of ``text`` with no BOS/EOS; added-token strings inside it are encoded as plain text."""
-    if self._added_pattern is None:
+    """Ids of ``text`` with no BOS/EOS; control-token strings inside it are encoded as plain text."""
+    if self._protected_pattern is None:
       return self._encode_plain(text)
     ids: list[int] = []
     start = 0
-    # Cut each added-token string after its first character so the tokenizer cannot match it.
-    while (match := self._added_pattern.search(text, start)) is not None:
+    # Cut each control-token string after its first character so the tokenizer cannot match it.
+    while (match := self._protected_pattern.search(text, start)) is not None:
       ids.extend(self._encode_plain(text[start:match.start() + 1]))
       start = match.start() + 1
     ids.extend(self._encode_plain(text[start:]))

@@ -93,6 +93,17 @@ def test_added_token_strings_in_text_stay_plain_text(qwen_tok):
   assert qwen_tok.token_id(st.IM_END) in raw and qwen_tok.token_id(st.TOOL_CALL_OPEN) in raw
 
 
+def test_plain_added_tokens_that_are_not_markup_match_as_in_hf(texts):
+  """Some code tokenizers add whitespace runs as (non-special) added tokens: ordinary vocabulary."""
+  tok = HFTokenizer.train(texts[:5], vocab_size=400, special_tokens=QWEN_SPECIAL,
+                          plain_added_tokens=QWEN_PLAIN + ("\t\t\t\t", "<think>"))
+  text = "if x:\n\t\t\t\treturn '<think>'\n"
+  ids = tok.encode(text)
+  assert tok.hf_tokenizer.token_to_id("\t\t\t\t") in ids
+  assert tok.hf_tokenizer.token_to_id("<think>") not in ids
+  assert tok.decode(ids) == text
+
+
 def test_special_token_mapping_and_errors(qwen_tok):
   hf = qwen_tok.hf_tokenizer
   for special in QWEN_SPECIAL + QWEN_PLAIN:
