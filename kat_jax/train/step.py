@@ -53,12 +53,45 @@ def loss_and_grads(params, batch, loss: Loss, ctx: LossContext, accum: int = 1):
   return value, metrics, denom, grads
 
 
+def token_entropies(apply_fn: Callable, params, batch: dict) -> jax.Array:
+  """Per tree token, the entropy of the distribution it was sampled from [B, T].
+
+  Taken from the rollout when the batch carries it (per-trajectory field ``entropy``, scattered to
+  tree tokens through the row maps — shared tokens share their context, hence their entropy), else
+  computed by a stop-gradient forward pass of the current policy (entropy at the parent's row; 0 at
+  roots)."""
+  if "field/entropy" in batch:
+    b = jnp.arange(batch["row_map"].shape[0])[:, None, None]
+    values = jnp.where(batch["row_valid"], batch["field/entropy"], 0.0)
+    return jnp.zeros(batch["tokens"].shape, jnp.float32).at[b, batch["row_map"]].max(values)
+  from kat_jax.tree.logprobs import tree_logprobs
+  row_entropy = jax.lax.stop_gradient(tree_logprobs(apply_fn, params, batch)["row_entropy"])
+  parent = batch["parent"]
+  ent = jnp.take_along_axis(row_entropy, jnp.maximum(parent, 0), axis=1)
+  return jnp.where((parent >= 0) & batch["token_valid"], ent, 0.0)
+
+
+def maybe_prune(apply_fn: Callable, params, batch: dict, train_cfg) -> tuple[dict, dict]:
+  """Adds the entropy-budget keep mask (``keep`` [B, T]) to a tree batch when
+  ``config.train.prune.enabled``; the tree losses gate pairs and their normalizer by it."""
+  prune_cfg = train_cfg.get("prune", None)
+  if prune_cfg is None or not prune_cfg.enabled or "tin" not in batch:
+    return batch, {}
+  from kat_jax.tree.prune import prune_tree_batch
+  keep, m = prune_tree_batch(batch, token_entropies(apply_fn, params, batch), prune_cfg)
+  metrics = {f"prune/{k}": jnp.mean(jnp.asarray(m[k], jnp.float32))
+             for k in ("kept_fraction", "kept_entropy_fraction", "kept_trajectories",
+                       "kept_tokens", "mandatory_exceeds_budget")}
+  return {**batch, "keep": keep}, metrics
+
+
 def make_train_step(apply_fn: Callable, loss: Loss, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, train_cfg, state_shardings, mesh, rules):
   accum = int(train_cfg.get("grad_accum_steps", 1))
 
   def step(state: TrainState, batch: dict, rng: jax.Array):
     ctx = LossContext(apply_fn=apply_fn, config=train_cfg, rng=jax.random.fold_in(rng, state.step))
+    batch, prune_metrics = maybe_prune(apply_fn, state.params, batch, train_cfg)
     value, metric_sums, denom, grads = loss_and_grads(state.params, batch, loss, ctx, accum)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -69,6 +102,7 @@ def make_train_step(apply_fn: Callable, loss: Loss, tx: optax.GradientTransforma
     metrics = {"loss": value, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
                "weight_sum": denom, "finite": finite.astype(jnp.float32)}
     metrics.update({k.removesuffix("_sum"): v / denom for k, v in metric_sums.items()})
+    metrics.update(prune_metrics)
     return new, metrics
 
   batch_sh = sharding_lib.batch_sharding(mesh, rules)
