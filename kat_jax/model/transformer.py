@@ -123,12 +123,14 @@ class Attention(nn.Module):
       out = attention_lib.get_attention_fn(cfg.attention_impl)(q, k, v, mask)
       new_cache = None
     else:
-      cache_k, cache_v, cache_tin, cache_tout = layer_cache
+      # The stacked [L, B, S, Hkv, D] cache is updated in place at this layer's slots (no per-step
+      # slice/stack copy of the whole cache inside a decode loop).
+      layer, cache_k, cache_v, cache_tin, cache_tout = layer_cache
       rows = jnp.arange(x.shape[0])[:, None]
-      cache_k = cache_k.at[rows, mask.tin].set(k.astype(cache_k.dtype))
-      cache_v = cache_v.at[rows, mask.tin].set(v.astype(cache_v.dtype))
-      out = attention_lib.dense_attention_general(q, cache_k, cache_v, mask.tin, cache_tin,
-                                                  cache_tout)
+      cache_k = cache_k.at[layer, rows, mask.tin].set(k.astype(cache_k.dtype))
+      cache_v = cache_v.at[layer, rows, mask.tin].set(v.astype(cache_v.dtype))
+      out = attention_lib.dense_attention_general(q, cache_k[layer], cache_v[layer], mask.tin,
+                                                  cache_tin, cache_tout)
       new_cache = (cache_k, cache_v)
     y = jnp.einsum("bthk,hkd->btd", out, wo.astype(dtype))
     return y, new_cache
@@ -192,21 +194,20 @@ class Transformer(nn.Module):
     if cfg.remat != "none" and kv_cache is None:
       block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=True)
 
-    new_k, new_v = [], []
     if kv_cache is not None:
       # Slots written by this call take the new tokens' intervals.
       rows = jnp.arange(tokens_bt.shape[0])[:, None]
       cache_tin = kv_cache.tin.at[rows, mask.tin].set(mask.tin)
       cache_tout = kv_cache.tout.at[rows, mask.tin].set(mask.tout)
+      cache_k, cache_v = kv_cache.k, kv_cache.v
     for i in range(cfg.num_layers):
       layer_cache = None
       if kv_cache is not None:
-        layer_cache = (kv_cache.k[i], kv_cache.v[i], cache_tin, cache_tout)
+        layer_cache = (i, cache_k, cache_v, cache_tin, cache_tout)
       x, c = block_cls(cfg, self.mesh, self.rules, name=f"layer_{i}")(x, positions_bt, mask,
                                                                       layer_cache)
       if c is not None:
-        new_k.append(c[0])
-        new_v.append(c[1])
+        cache_k, cache_v = c
 
     hidden = RMSNorm(cfg, cfg.d_model, name="final_norm")(x)
     if cfg.tie_embeddings:
@@ -225,6 +226,6 @@ class Transformer(nn.Module):
       values = jnp.einsum("btd,do->bto", hidden.astype(jnp.float32), w.astype(jnp.float32))[..., 0]
     new_cache = None
     if kv_cache is not None:
-      new_cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), tin=cache_tin, tout=cache_tout)
+      new_cache = KVCache(k=cache_k, v=cache_v, tin=cache_tin, tout=cache_tout)
     return ModelOutput(logits=logits.astype(jnp.float32), values=values,
                        hidden=hidden if return_hidden else None, kv_cache=new_cache)

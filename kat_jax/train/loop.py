@@ -58,8 +58,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   local_batch = train_cfg.batch_size // nproc
   data_kwargs = dict(batch_size=local_batch, seed=config.seed, shard_index=pid, shard_count=nproc)
   train_it, tokenizer = stage.make_data(config, workdir, split="train", **data_kwargs)
-  if tokenizer is not None and pid == 0 and not os.path.exists(os.path.join(workdir, "tokenizer")):
-    tokenizer.save(os.path.join(workdir, "tokenizer"))
+  tokenizer_dir = os.path.join(workdir, "tokenizer")
+  if (tokenizer is not None and pid == 0
+      and not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.model"))):
+    tokenizer.save(tokenizer_dir)   # beside the checkpoints, for eval and sampling
 
   example = {"inputs": jax.ShapeDtypeStruct((train_cfg.batch_size, train_cfg.seq_len), np.int32)}
   ckpt = checkpoint_lib.Checkpointer(
