@@ -30,9 +30,9 @@ EXTRAS = {
     # would pull a multi-GB CUDA build.
     "hf": [
         "torch==2.13.0",
-        "transformers",
-        "safetensors",
-        "tokenizers",
+        "transformers==5.23.0",
+        "safetensors==0.8.0",
+        "tokenizers==0.23.3",
     ],
 }
 

@@ -20,6 +20,7 @@ def get_base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "midtrain"
   c.seed = 0
+  c.init_from = ""   # HF checkpoint dir or kat_jax workdir[@step] to start from (see experiments.convert)
   c.model = get_preset(preset)
   c.mesh = sharding.default_mesh_config()
   c.sharding_rules = [list(r) for r in sharding.DEFAULT_RULES]

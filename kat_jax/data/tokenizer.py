@@ -207,7 +207,11 @@ class SentencePieceTokenizer:
 
 
 def load_tokenizer(directory: str) -> Tokenizer:
-  """Loads whichever tokenizer kind was saved in ``directory``."""
+  """Loads whichever tokenizer kind was saved in ``directory`` (ours, or a Hugging Face
+  ``tokenizer.json`` + ``tokenizer_config.json`` directory such as a Qwen checkpoint's)."""
+  from kat_jax.data import hf_tokenizer
+  if hf_tokenizer.is_hf_tokenizer_dir(directory):
+    return hf_tokenizer.HFTokenizer.load(directory)
   info_path = os.path.join(directory, _INFO_FILENAME)
   kind = "sentencepiece"
   if os.path.exists(info_path):
@@ -219,8 +223,14 @@ def load_tokenizer(directory: str) -> Tokenizer:
   return SentencePieceTokenizer.load(directory)
 
 
+def _is_hf_dir(directory: str) -> bool:
+  from kat_jax.data import hf_tokenizer
+  return hf_tokenizer.is_hf_tokenizer_dir(directory)
+
+
 def maybe_tokenizer(directory: Optional[str]) -> Optional[Tokenizer]:
   """The tokenizer saved in ``directory`` if there is one, else None."""
-  if directory and os.path.exists(os.path.join(directory, _MODEL_FILENAME)):
+  if directory and (os.path.exists(os.path.join(directory, _MODEL_FILENAME))
+                    or _is_hf_dir(directory)):
     return load_tokenizer(directory)
   return None

@@ -13,6 +13,7 @@ import time
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -72,6 +73,16 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     state, data_state, start = ckpt.restore(abstract)
     train_it.set_state(data_state["train"])
     logging.info("restored step %d from %s", start, ckpt.directory)
+  elif config.get("init_from", ""):
+    # A pretrained start (an HF checkpoint directory or a kat_jax workdir[@step]): params placed
+    # directly into their shards, fresh optimizer state.
+    from kat_jax.model import hf as hf_lib
+    params = hf_lib.init_params_from(config.init_from, abstract.params, model_cfg)
+    state = jax.jit(lambda p: state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                                   opt_state=tx.init(p)),
+                    out_shardings=shardings, donate_argnums=0)(params)
+    start = 0
+    logging.info("initialized params from %s", config.init_from)
   else:
     state, shardings = state_lib.create_sharded_state(
         model, tx, example, mesh, rules, jax.random.key(config.seed))
