@@ -336,11 +336,24 @@ class RenderedExample:
 
 def encode_pieces(pieces: Iterable[Piece], tokenizer: Tokenizer
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Tokenizes each piece on its own: (tokens int32 [T], loss_mask bool [T], event_tags int8 [T])."""
+  """Tokenizes the pieces: (tokens int32 [T], loss_mask bool [T], event_tags int8 [T]).
+
+  Adjacent plain pieces with the same (trained, tag) are encoded as one text, so that a BPE merge
+  across their boundary happens exactly as when the whole text is encoded (a pretrained tokenizer's
+  own encoding of the rendered chat); pieces that differ in mask or tag are encoded apart, which keeps
+  every mask boundary on a token boundary."""
   tokens: list[int] = []
   mask: list[bool] = []
   tags: list[int] = []
+  merged: list[Piece] = []
   for p in pieces:
+    last = merged[-1] if merged else None
+    if (last is not None and not p.special and not last.special and p.trained == last.trained
+        and p.tag == last.tag):
+      merged[-1] = last._replace(text=last.text + p.text)
+    else:
+      merged.append(p)
+  for p in merged:
     if p.special:
       if p.text not in st.ALL:
         raise ValueError(f"piece {p.text!r} is marked special but is not in special_tokens.ALL")

@@ -10,7 +10,7 @@ def test_tiny_loss_decreases_on_stdlib(tmp_path):
   c = midtrain_tiny.get_config()
   c.data.data_dir = str(tmp_path / "tfds")
   c.train.update(dict(steps=40, seq_len=128, batch_size=8, warmup_steps=5, eval_every=40,
-                      eval_steps=4, checkpoint_every=40, progress_bar=False, log_every=10))
+                      eval_steps=16, checkpoint_every=40, progress_bar=False, log_every=10))
   result = loop.train(c, str(tmp_path / "run"))
   initial = np.log(c.model.vocab_size)   # a freshly initialized model predicts ~uniformly
   assert result["step"] == 40
