@@ -6,7 +6,7 @@
 * per tree token ``[B, T]``: tokens, positions, tin, tout, tags, parent, token_node, token_traj_count,
   token_valid;
 * per node ``[B, M]``: node_start, node_size, node_parent, node_depth, node_subtree_end,
-  node_traj_count (the inputs of entropy-budget pruning);
+  node_traj_count, node_tag_bits (the inputs of entropy-budget pruning);
 * per trajectory ``[B, K, L]``: row_map, row_valid and the per-trajectory fields; ``[B, K]``:
   lengths, traj_ids, traj_valid;
 * prediction pairs ``[B, K, L-1]``: pred_rows, pred_label_rows, pred_labels, pred_valid (see
@@ -46,6 +46,7 @@ class TreeBatch:
   node_depth: np.ndarray
   node_subtree_end: np.ndarray
   node_traj_count: np.ndarray
+  node_tag_bits: np.ndarray
   row_map: np.ndarray
   row_valid: np.ndarray
   lengths: np.ndarray
@@ -115,6 +116,7 @@ def batch_trees(
       "node_depth": np.zeros((b, m_max), np.int32),
       "node_subtree_end": np.tile(np.arange(1, m_max + 1, dtype=np.int32), (b, 1)),
       "node_traj_count": np.zeros((b, m_max), np.int32),
+      "node_tag_bits": np.zeros((b, m_max), np.int32),
       "row_map": np.zeros((b, k_max, l_max), np.int32),
       "row_valid": np.zeros((b, k_max, l_max), bool),
       "lengths": np.zeros((b, k_max), np.int32),
@@ -133,7 +135,7 @@ def batch_trees(
       out[name][i, :n] = getattr(t, name)
     out["token_valid"][i, :n] = True
     for name in ("node_start", "node_size", "node_parent", "node_depth", "node_subtree_end",
-                 "node_traj_count"):
+                 "node_traj_count", "node_tag_bits"):
       out[name][i, :m] = getattr(t, name)
     valid = t.row_map >= 0
     out["row_map"][i, :k, :l] = np.where(valid, t.row_map, 0)
@@ -194,6 +196,7 @@ def concat_trees(trees: Sequence[TrajectoryTree]) -> TrajectoryTree:
       node_depth=cat(lambda i, t: t.node_depth),
       node_subtree_end=cat(lambda i, t: t.node_subtree_end + node_off[i]).astype(np.int32),
       node_traj_count=cat(lambda i, t: t.node_traj_count),
+      node_tag_bits=cat(lambda i, t: t.node_tag_bits),
       node_traj_ptr=np.concatenate(
           [[0]] + [t.node_traj_ptr[1:] + t_ptr for t, t_ptr in
                    zip(trees, np.cumsum([0] + [t.node_traj_ptr[-1] for t in trees]))]

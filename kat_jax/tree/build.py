@@ -68,6 +68,7 @@ class TrajectoryTree:
   node_depth: np.ndarray         # number of ancestor nodes
   node_subtree_end: np.ndarray   # one past the last node index of the subtree
   node_traj_count: np.ndarray
+  node_tag_bits: np.ndarray      # OR of (1 << tag) over the node's tokens
   node_traj_ptr: np.ndarray      # [M + 1] CSR offsets into node_traj_index
   node_traj_index: np.ndarray    # trajectory indices through each node, ascending
   row_map: np.ndarray
@@ -185,8 +186,9 @@ def build_tree(
     for i, (t, n) in enumerate(zip(tag_seqs, lengths)):
       if t.size != n:
         raise ValueError(f"tags[{i}] has {t.size} entries but trajectory {i} has {n} tokens")
-      if t.size and t.min() < 0:
-        raise ValueError(f"tags[{i}] holds a negative tag {int(t.min())}; tags are ints >= 0")
+      if t.size and (t.min() < 0 or t.max() > 30):
+        bad = int(t.min()) if t.min() < 0 else int(t.max())
+        raise ValueError(f"tags[{i}] holds the tag {bad}; tags are ints in [0, 30]")
   if max_node_tokens is not None and max_node_tokens < 1:
     raise ValueError(f"max_node_tokens must be >= 1 or None, got {max_node_tokens}")
 
@@ -285,6 +287,7 @@ def build_tree(
   node_traj_index = pair_traj[by_node].astype(np.int32)
   node_traj_count = np.bincount(pair_node, minlength=num_nodes).astype(np.int32)
   node_traj_ptr = np.concatenate([[0], np.cumsum(node_traj_count)]).astype(np.int32)
+  node_tag_bits = np.bitwise_or.reduceat(np.left_shift(1, tag_arr), node_start).astype(np.int32)
 
   if traj_ids is None:
     ids = np.arange(k, dtype=np.int32)
@@ -300,6 +303,7 @@ def build_tree(
       token_node=token_node, token_traj_count=token_traj_count, node_start=node_start,
       node_size=node_size, node_parent=node_parent, node_depth=node_depth,
       node_subtree_end=node_subtree_end, node_traj_count=node_traj_count,
+      node_tag_bits=node_tag_bits,
       node_traj_ptr=node_traj_ptr, node_traj_index=node_traj_index, row_map=row_map,
       lengths=lengths, traj_ids=ids, fields=field_arrays)
 

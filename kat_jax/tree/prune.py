@@ -39,8 +39,11 @@ a tool result, a memory event is a node of its own). Per tree:
    trajectories through the node, ``'branch'`` the product of empirical branch frequencies along its
    path (child count over the count of all its siblings; equal to the fraction unless trajectories
    end at inner nodes), ``'policy'`` exp of the summed log-probs of the path through the node's own
-   tokens, or ``'uniform'``. Default: mean over the unit × fraction = the unit's expected entropy
-   per token in the flat (per-trajectory) loss — the value density of a token-budget knapsack.
+   tokens, or ``'uniform'``. Default: mean over the *subtree* × fraction — the expected entropy per
+   token, in the flat (per-trajectory) loss, of what lies behind the node (a value density for a
+   token-budget knapsack that looks past zero-entropy context such as the prompt; with
+   ``'node'`` a zero-entropy prompt would have the lowest score and, as every path's bottleneck,
+   reduce the order to plain DFS order — measured in docs/PRUNING.md).
 3. **Best-first expansion.** A unit can only be kept after the unit above it, so its effective
    priority is its *bottleneck* ``min(score over the units on its root path)``. Expansion pops units
    from the frontier in decreasing bottleneck order, ties by node index (pre-order, so a parent
@@ -90,7 +93,7 @@ def default_prune_config() -> ml_collections.ConfigDict:
   c.budget_fraction = 0.5       # of each tree's tokens, floor(fraction * N_tree)
   c.score = "entropy"           # entropy | random | longest_path (the last two are baselines)
   c.entropy_agg = "mean"        # mean | sum
-  c.entropy_scope = "node"      # node | subtree
+  c.entropy_scope = "subtree"   # node (the unit's tokens) | subtree (all tokens below the node)
   c.reach = "fraction"          # fraction | branch | policy | uniform
   c.event_tags = EVENT_TAGS     # tags that make a node an event
   c.event_mode = "attached"     # attached (events atomic with their turn) | mandatory (always kept)
@@ -171,9 +174,9 @@ class PruneResult(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # Per-tree building blocks (vmapped below). A tree is a dict of the TreeBatch arrays of one row.
 
-_TREE_KEYS = ("positions", "tags", "token_node", "token_traj_count", "token_valid", "node_start",
+_TREE_KEYS = ("positions", "token_node", "token_traj_count", "token_valid", "node_start",
               "node_size", "node_parent", "node_depth", "node_subtree_end", "node_traj_count",
-              "row_map", "lengths", "traj_valid")
+              "node_tag_bits", "row_map", "lengths", "traj_valid")
 
 
 def _tree_arrays(batch) -> dict:
@@ -248,26 +251,19 @@ def _subtree_max(x_m, subtree_end_m):
 
 
 class _Structure(NamedTuple):
-  """Units and mandatory prefixes of one tree (see the module docstring)."""
-  node_t: jax.Array       # [T] node of each token (clipped into range for padding)
-  offset_t: jax.Array     # [T] index of the token inside its node
-  mandatory: jax.Array    # [M] always-kept prefix of each node
-  attached: jax.Array     # [M] prefix attached to the node's head (0 if none)
-  head: jax.Array         # [M] head node of the attached prefix (-1 if none)
-  is_unit: jax.Array      # [M] the node owns tokens of its own (a unit of the expansion)
-  token_unit: jax.Array   # [T] unit each token belongs to (M for padding)
+  """Units and mandatory prefixes of one tree (node-level [M]; see the module docstring)."""
+  mandatory: jax.Array    # always-kept prefix of each node
+  attached: jax.Array     # prefix attached to the node's head (0 if none)
+  head: jax.Array         # head node of the attached prefix (-1 if none)
+  is_unit: jax.Array      # the node owns tokens of its own (a unit of the expansion)
 
 
 def _event_prefix_one(tree, s: PruneSettings):
   """[M] event prefix of each node: whole event nodes, window-covered prefixes of the others."""
-  m = tree["node_size"].shape[0]
   size = tree["node_size"]
   parent = tree["node_parent"]
-  tag_event = jnp.zeros_like(tree["token_valid"])
-  for tag in s.event_tags:
-    tag_event = tag_event | (tree["tags"] == tag)
-  tag_event = tag_event & tree["token_valid"]
-  is_event = jax.ops.segment_max(tag_event.astype(jnp.int32), tree["token_node"], m) > 0
+  event_bits = sum(1 << tag for tag in set(s.event_tags))
+  is_event = (tree["node_tag_bits"] & event_bits) != 0
   w = s.event_window
   if s.event_window_unit == "tokens":
     pos0 = tree["positions"][tree["node_start"]]
@@ -286,10 +282,6 @@ def _structure_one(tree, s: PruneSettings) -> _Structure:
   size = tree["node_size"]
   parent = tree["node_parent"]
   m = size.shape[0]
-  t = tree["token_node"].shape[0]
-  valid_t = tree["token_valid"]
-  node_t = jnp.minimum(tree["token_node"], m - 1)
-  offset_t = jnp.arange(t) - tree["node_start"][node_t]
   prefix = _event_prefix_one(tree, s)
   idx = jnp.arange(m, dtype=jnp.int32)
   zeros = jnp.zeros((m,), jnp.int32)
@@ -307,26 +299,38 @@ def _structure_one(tree, s: PruneSettings) -> _Structure:
     attached = jnp.where(head >= 0, prefix, 0)
     mandatory = jnp.where(head < 0, prefix, 0)  # events with no head: always kept
   is_unit = (size > attached) & (size > 0)
-  attached_t = offset_t < attached[node_t]
-  token_unit = jnp.where(attached_t, head[node_t], node_t)
-  token_unit = jnp.where(valid_t, token_unit, m)
-  return _Structure(node_t=node_t, offset_t=offset_t, mandatory=mandatory, attached=attached,
-                    head=head, is_unit=is_unit, token_unit=token_unit)
+  return _Structure(mandatory=mandatory, attached=attached, head=head, is_unit=is_unit)
 
 
-def _entropy_scores_one(tree, st: _Structure, entropies_t, logprobs_t, s: PruneSettings):
+def _token_units(tree, st: _Structure):
+  """[T] unit of each token (its head for an attached prefix, else its node; M for padding)."""
+  m = tree["node_size"].shape[0]
+  node_t = jnp.minimum(tree["token_node"], m - 1)
+  offset_t = jnp.arange(node_t.shape[0]) - tree["node_start"][node_t]
+  unit_t = jnp.where(offset_t < st.attached[node_t], st.head[node_t], node_t)
+  return jnp.where(tree["token_valid"], unit_t, m)
+
+
+def _segment_sums(ids_bt, x_bt, m, *, sorted_ids):
+  """[B, M] sums of x over token ids (id M = padding, dropped), as ONE flat segment sum over the
+  batch: a batched (vmapped) scatter is several times slower on CPU."""
+  b = ids_bt.shape[0]
+  flat_ids = (ids_bt + (m + 1) * jnp.arange(b, dtype=ids_bt.dtype)[:, None]).reshape(-1)
+  sums = jax.ops.segment_sum(x_bt.reshape(-1), flat_ids, b * (m + 1),
+                             indices_are_sorted=sorted_ids)
+  return sums.reshape(b, m + 1)[:, :m]
+
+
+def _entropy_scores_one(tree, ent_m, count_m, lp_node_m, s: PruneSettings):
+  """Scores from per-node (scope 'subtree') or per-unit (scope 'node') entropy sums and counts."""
   node_valid = tree["node_size"] > 0
   m = tree["node_size"].shape[0]
-  valid_t = tree["token_valid"]
-  ent_t = jnp.where(valid_t, entropies_t, 0.0).astype(jnp.float32)
   if s.entropy_scope == "subtree":
     idx = jnp.arange(m)
-    ent_node = jax.ops.segment_sum(ent_t, tree["token_node"], m)
-    ent = _subtree_sum(ent_node, tree["node_subtree_end"], idx)
-    count = _subtree_sum(tree["node_size"].astype(jnp.float32), tree["node_subtree_end"], idx)
+    ent = _subtree_sum(ent_m, tree["node_subtree_end"], idx)
+    count = _subtree_sum(count_m, tree["node_subtree_end"], idx)
   else:
-    ent = jax.ops.segment_sum(ent_t, st.token_unit, m)
-    count = jax.ops.segment_sum(valid_t.astype(jnp.float32), st.token_unit, m)
+    ent, count = ent_m, count_m
   agg = ent / jnp.maximum(count, 1.0) if s.entropy_agg == "mean" else ent
   score = jnp.log(jnp.maximum(agg, 0.0))
   traj_count = tree["node_traj_count"].astype(jnp.float32)
@@ -339,9 +343,7 @@ def _entropy_scores_one(tree, st: _Structure, entropies_t, logprobs_t, s: PruneS
     log_ratio = jnp.where(node_valid, jnp.log(traj_count) - jnp.log(siblings), 0.0)
     score = score + path_reduce(log_ratio, parent, jnp.add)
   elif s.reach == "policy":
-    lp_node = jax.ops.segment_sum(jnp.where(valid_t, logprobs_t, 0.0).astype(jnp.float32),
-                                  tree["token_node"], m)
-    score = score + path_reduce(lp_node, tree["node_parent"], jnp.add)
+    score = score + path_reduce(lp_node_m, tree["node_parent"], jnp.add)
   return jnp.where(node_valid, score, -jnp.inf)
 
 
@@ -356,16 +358,19 @@ def _select_one(tree, st: _Structure, scores_m, budget, truncate: bool):
   """Best-first expansion of units by bottleneck score under a token budget -> kept prefix/node."""
   size = tree["node_size"]
   m = size.shape[0]
-  valid_t = tree["token_valid"]
   unit_score = jnp.where(st.is_unit, scores_m.astype(jnp.float32), jnp.inf)  # others: transparent
   bottleneck = path_reduce(unit_score, tree["node_parent"], jnp.minimum)
   key = -bottleneck
   key = jnp.where(key == 0, 0.0, key)  # one zero: -0.0 and 0.0 compare equal in the reference
   key = jnp.where(st.is_unit, key, jnp.inf)  # non-units last (they cost nothing)
   order = jnp.argsort(key, stable=True)
-  mandatory_t = valid_t & (st.offset_t < st.mandatory[st.node_t])
-  cost = jax.ops.segment_sum((valid_t & ~mandatory_t).astype(jnp.int32), st.token_unit, m)
-  cost = jnp.where(st.is_unit, cost, 0)[order]
+  # New tokens of a unit: its node past what is mandatory, plus the prefixes attached to it (in
+  # 'attached' mode a node's mandatory and attached prefixes are exclusive; in 'mandatory' mode
+  # nothing is attached).
+  own_cost = size - jnp.maximum(st.mandatory, st.attached)
+  attached_cost = jax.ops.segment_sum(jnp.maximum(st.attached - st.mandatory, 0),
+                                      jnp.where(st.head >= 0, st.head, m), m)
+  cost = jnp.where(st.is_unit, own_cost + attached_cost, 0)[order]
   cum_prev = jnp.cumsum(cost) - cost
   remaining = jnp.maximum(budget - jnp.sum(st.mandatory), 0)
   if truncate:
@@ -403,7 +408,8 @@ def _static(s: PruneSettings) -> PruneSettings:
 def _prune_one(tree, scores_m, entropies_t, budget, s: PruneSettings):
   st = _structure_one(tree, s)
   kept = _select_one(tree, st, scores_m, budget, s.truncate_last_node)
-  keep = tree["token_valid"] & (st.offset_t < kept[st.node_t])
+  kept_end = jnp.append(tree["node_start"] + kept, 0)  # padding tokens (node M): nothing
+  keep = jnp.arange(tree["token_node"].shape[0]) < kept_end[tree["token_node"]]
   mandatory = st.mandatory
 
   weight = jnp.where(tree["token_valid"], entropies_t * tree["token_traj_count"], 0.0)
@@ -477,9 +483,24 @@ def unit_structure(batch, config) -> dict:
 
 
 def _entropy_scores_impl(tree, entropies_bt, logprobs_bt, s):
-  def one(t, e, lp):
-    return _entropy_scores_one(t, _structure_one(t, s), e, lp, s)
-  return jax.vmap(one)(tree, entropies_bt, logprobs_bt)
+  m = tree["node_size"].shape[1]
+  valid = tree["token_valid"]
+  ent = jnp.where(valid, entropies_bt, 0.0).astype(jnp.float32)
+  if s.entropy_scope == "subtree":
+    ent_m = _segment_sums(tree["token_node"], ent, m, sorted_ids=True)
+    count_m = tree["node_size"].astype(jnp.float32)
+  else:
+    st = jax.vmap(lambda t: _structure_one(t, s))(tree)
+    unit_t = jax.vmap(_token_units)(tree, st)
+    ent_m = _segment_sums(unit_t, ent, m, sorted_ids=False)
+    count_m = _segment_sums(unit_t, valid.astype(jnp.float32), m, sorted_ids=False)
+  if s.reach == "policy":
+    lp = jnp.where(valid, logprobs_bt, 0.0).astype(jnp.float32)
+    lp_m = _segment_sums(tree["token_node"], lp, m, sorted_ids=True)
+  else:
+    lp_m = jnp.zeros_like(ent_m)
+  return jax.vmap(lambda t, e, c, lp: _entropy_scores_one(t, e, c, lp, s))(tree, ent_m, count_m,
+                                                                          lp_m)
 
 
 def _prune_impl(tree, scores_bm, entropies_bt, budget_b, s):

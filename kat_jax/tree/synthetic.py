@@ -4,8 +4,9 @@
 long shared prompt, a first fan-out of rollouts, then multi-turn continuations — assistant text,
 a tool call (tag 1), a tool result (tag 2), sometimes a memory event (tag 3) — where a rollout forks
 with some probability inside an assistant turn (sampling diverges mid-text; tool results are
-deterministic given the call). Growth stops once the tree holds ``target_tree_tokens`` unique
-tokens; every leaf then becomes one trajectory. Random token ids from a large vocabulary keep
+deterministic given the call); when every rollout has finished (``max_turns``), more rollouts of
+the same prompt start. Growth stops once the tree holds ``target_tree_tokens`` unique tokens; every
+leaf then becomes one trajectory. Random token ids from a large vocabulary keep
 branches distinct.
 
 ``synthetic_entropies(rng, tree)`` draws per-token policy entropies with the usual shape: zero on
@@ -56,7 +57,10 @@ def agentic_trajectories(
   # leaf = [segment id, turns done]
   leaves = [[prompt, 0] for _ in range(first_fanout)]
   active = list(range(first_fanout))
-  while total < target_tree_tokens and active:
+  while total < target_tree_tokens:
+    if not active:  # every rollout finished: sample more rollouts of the same prompt
+      active = list(range(len(leaves), len(leaves) + first_fanout))
+      leaves += [[prompt, 0] for _ in range(first_fanout)]
     i = active[int(rng.integers(len(active)))]
     at, turns = leaves[i]
     text, text_tags = span(text_tokens, TAG_PLAIN)

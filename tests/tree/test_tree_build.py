@@ -75,6 +75,7 @@ def test_node_invariants(data, split_on_tags, max_node_tokens):
       assert through_token[r] == through_token[a]
     if split_on_tags:
       assert len(set(tree.tags[a:a + z].tolist())) == 1
+    assert tree.node_tag_bits[n] == sum(1 << t for t in set(tree.tags[a:a + z].tolist()))
     if max_node_tokens:
       assert z <= max_node_tokens
     np.testing.assert_array_equal(tree.node_trajectories(n), sorted(through_token[a]))
@@ -164,5 +165,7 @@ def test_errors_name_the_problem():
     build_tree([[1, 2, 3]], tags=[[0, 0]])
   with pytest.raises(ValueError, match=r"field 'adv'\[0\] has shape \(2,\)"):
     build_tree([[1, 2, 3]], fields={"adv": [[1.0, 2.0]]})
+  with pytest.raises(ValueError, match=r"holds the tag 31; tags are ints in \[0, 30\]"):
+    build_tree([[1, 2]], tags=[[0, 31]])
   with pytest.raises(ValueError, match="must hold ints"):
     build_tree([[1.5, 2.0]])
