@@ -4,10 +4,11 @@ This is the fast path on CPU. The host-side layout (``layout.block_layout``, pas
 ``AttentionMask.blocks``) lists, per query block, the key blocks that hold at least one visible
 key. Padding every query block's list to the global maximum wastes ~30% on trees (a prompt block
 needs one key block, a deep leaf block dozens), so the lists are cut into *chunks* of W key blocks
-instead: the forward pass gathers every chunk's query block and W key blocks, computes all chunks
-as one batched tile computation, and merges the partial softmax results of the chunks of each
-query block with a segment max / segment sum (flash-decoding style). Padding is at most W-1 key
-blocks per query block plus the capacity rounding of the chunk count.
+instead: the forward pass gathers every chunk's query block and W key blocks, computes the chunks
+a few at a time (``chunks_per_step``, a sequential map: with all chunks at once the logits fall
+out of cache and it runs several times slower), and merges the partial softmax results of the
+chunks of each query block with a segment max / segment sum (flash-decoding style). Padding is at
+most W-1 key blocks per query block plus the capacity rounding of the chunk count.
 
 The custom VJP (flash-attention style: the forward saves the log-sum-exp) recomputes the same
 chunks once and gets dQ, dK and dV from each; dQ is summed over the chunks of a query block, dK
@@ -35,9 +36,11 @@ from kernels.tree_attention import blockwise, reference
 from kernels.tree_attention.layout import PAD_INTERVAL, BlockSizes, check_layout, num_blocks
 
 LAYOUT_KEYS = ("kv_ids", "fwd_chunk_q", "fwd_chunk_kv")
+CHUNKS_PER_STEP = 2  # chunks computed per step of the sequential map (measured: 2 <= 4 < 8 << all)
 
 
-def tree_attention(q_bthd, k_bshd, v_bshd, mask, *, block_sizes: Optional[BlockSizes] = None):
+def tree_attention(q_bthd, k_bshd, v_bshd, mask, *, block_sizes: Optional[BlockSizes] = None,
+                   chunks_per_step: int = CHUNKS_PER_STEP):
   """Tree self-attention, [B, T, Hq, D] x [B, T, Hkv, D] -> [B, T, Hq, D] (dtype of q)."""
   block_sizes = block_sizes or BlockSizes()
   reference._check_inputs(q_bthd, k_bshd, v_bshd, mask)
@@ -47,7 +50,7 @@ def tree_attention(q_bthd, k_bshd, v_bshd, mask, *, block_sizes: Optional[BlockS
   check_layout(mask.blocks, b, t, block_sizes, LAYOUT_KEYS)
   chunks = tuple(jnp.asarray(mask.blocks[key], jnp.int32) for key in LAYOUT_KEYS[1:])
   return _attend(q_bthd, k_bshd, v_bshd, mask.tin.astype(jnp.int32),
-                 mask.tout.astype(jnp.int32), chunks, block_sizes)
+                 mask.tout.astype(jnp.int32), chunks, (block_sizes, chunks_per_step))
 
 
 def _take(x, ids):
@@ -104,13 +107,39 @@ class _Tiles:
             _merge_w(_take(self.v, fwd_kv)), intervals)
 
 
-def _forward(q, k, v, tin, tout, chunks, block_sizes):
+def _map_chunks(fn, fwd_q, fwd_kv, chunks_per_step, dummy_kv):
+  """``fn(fwd_q [B, S], fwd_kv [B, S, W]) -> arrays [B, Hkv, S, ...]`` over groups of S chunks.
+
+  A sequential map keeps each step's tiles small enough to stay in cache (all chunks at once
+  materialize logits of C x the tile size). Chunks added to fill the last group are harmless
+  dummies (query block 0, dummy key blocks). Returns the results concatenated: [B, Hkv, C', ...].
+  """
+  b, c, w = fwd_kv.shape
+  steps = -(-c // chunks_per_step)
+  pad = steps * chunks_per_step - c
+  if pad:
+    fwd_q = jnp.pad(fwd_q, ((0, 0), (0, pad)))
+    fwd_kv = jnp.pad(fwd_kv, ((0, 0), (0, pad), (0, 0)), constant_values=dummy_kv)
+  grouped_q = jnp.moveaxis(fwd_q.reshape(b, steps, chunks_per_step), 1, 0)
+  grouped_kv = jnp.moveaxis(fwd_kv.reshape(b, steps, chunks_per_step, w), 1, 0)
+  out = jax.lax.map(lambda ids: fn(*ids), (grouped_q, grouped_kv))
+  merge = lambda x: jnp.moveaxis(x, 0, 2).reshape(*x.shape[1:3], steps * chunks_per_step,
+                                                  *x.shape[4:])
+  return jax.tree.map(merge, out), fwd_q, fwd_kv
+
+
+def _forward(q, k, v, tin, tout, chunks, config):
   fwd_q, fwd_kv = chunks
+  block_sizes, chunks_per_step = config
   t, d = q.shape[1], q.shape[3]
   tiles = _Tiles(q, k, v, tin, tout, block_sizes)
-  q_c, k_c, v_c, intervals = tiles.chunk(fwd_q, fwd_kv)
-  vis = blockwise.tile_visible(*intervals)[:, None, :, None]  # [B, 1, C, 1, bq, W*bk]
-  m_c, l_c, acc_c = blockwise.tile_forward(q_c, k_c, v_c, vis, 1.0 / d ** 0.5)  # [B,Hkv,C,G,bq]
+
+  def partials(ids_q, ids_kv):
+    q_c, k_c, v_c, intervals = tiles.chunk(ids_q, ids_kv)
+    vis = blockwise.tile_visible(*intervals)[:, None, :, None]  # [B, 1, S, 1, bq, W*bk]
+    return blockwise.tile_forward(q_c, k_c, v_c, vis, 1.0 / d ** 0.5)  # [B, Hkv, S, G, bq(, D)]
+
+  (m_c, l_c, acc_c), fwd_q, _ = _map_chunks(partials, fwd_q, fwd_kv, chunks_per_step, tiles.nk)
   # Merge the chunks of each query block. Query blocks without chunks get max = -inf from the
   # empty segment; clamping to NEG keeps exp() finite, and their l = 0 gives output 0.
   m = jnp.maximum(_segment_max(m_c, fwd_q, tiles.nq), blockwise.NEG)  # [B, Hkv, nq, G, bq]
@@ -122,26 +151,32 @@ def _forward(q, k, v, tin, tout, chunks, block_sizes):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attend(q, k, v, tin, tout, chunks, block_sizes):
-  return _forward(q, k, v, tin, tout, chunks, block_sizes)[0]
+def _attend(q, k, v, tin, tout, chunks, config):
+  return _forward(q, k, v, tin, tout, chunks, config)[0]
 
 
-def _attend_fwd(q, k, v, tin, tout, chunks, block_sizes):
-  out, lse = _forward(q, k, v, tin, tout, chunks, block_sizes)
+def _attend_fwd(q, k, v, tin, tout, chunks, config):
+  out, lse = _forward(q, k, v, tin, tout, chunks, config)
   return out, (q, k, v, tin, tout, chunks, out, lse)
 
 
-def _attend_bwd(block_sizes, residuals, do):
+def _attend_bwd(config, residuals, do):
   q, k, v, tin, tout, chunks, out, lse = residuals
   fwd_q, fwd_kv = chunks
+  block_sizes, chunks_per_step = config
   t, hkv, d = q.shape[1], k.shape[2], q.shape[3]
   tiles = _Tiles(q, k, v, tin, tout, block_sizes)
-  q_c, k_c, v_c, intervals = tiles.chunk(fwd_q, fwd_kv)
-  vis_t = blockwise.tile_visible_t(*intervals)[:, None, :, :, None]  # [B, 1, C, W*bk, 1, bq]
-  do_c = _take(blockwise.to_query_blocks(do, hkv, tiles.bq), fwd_q)
+  do_blocks = blockwise.to_query_blocks(do, hkv, tiles.bq)
   delta = blockwise.to_query_blocks(blockwise.row_delta(out, do), hkv, tiles.bq)
-  dq_c, dk_c, dv_c = blockwise.tile_backward(q_c, k_c, v_c, do_c, _take(lse, fwd_q),
-                                             _take(delta, fwd_q), vis_t, 1.0 / d ** 0.5)
+
+  def gradients(ids_q, ids_kv):
+    q_c, k_c, v_c, intervals = tiles.chunk(ids_q, ids_kv)
+    vis_t = blockwise.tile_visible_t(*intervals)[:, None, :, :, None]  # [B, 1, S, W*bk, 1, bq]
+    return blockwise.tile_backward(q_c, k_c, v_c, _take(do_blocks, ids_q), _take(lse, ids_q),
+                                   _take(delta, ids_q), vis_t, 1.0 / d ** 0.5)
+
+  (dq_c, dk_c, dv_c), fwd_q, fwd_kv = _map_chunks(gradients, fwd_q, fwd_kv, chunks_per_step,
+                                                  tiles.nk)
   # dQ: sum over the chunks of each query block. dK, dV: sum over every chunk slot that holds the
   # key block; padding slots point at the dummy block nk, which is dropped.
   dq = _segment_sum(dq_c, fwd_q, tiles.nq)  # [B, Hkv, nq, G, bq, D]
