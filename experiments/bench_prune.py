@@ -39,6 +39,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["10000", "100000", "1000000"], "target tree sizes (unique tokens)")
 flags.DEFINE_float("budget_fraction", 0.6, "token budget as a fraction of each tree")
 flags.DEFINE_integer("event_window", 16, "tokens kept after each event node")
+flags.DEFINE_enum("event_mode", "attached", ["attached", "mandatory"], "prune.event_mode")
 flags.DEFINE_integer("repeats", 5, "timed jitted runs per size (after one compile run)")
 flags.DEFINE_integer("seed", 0, "tree and entropy seed")
 flags.DEFINE_bool("reference", True, "also time the Python reference")
@@ -64,6 +65,7 @@ def run_size(size: int) -> dict:
   config.enabled = True
   config.budget_fraction = FLAGS.budget_fraction
   config.event_window = FLAGS.event_window
+  config.event_mode = FLAGS.event_mode
 
   run = lambda: prune.prune_nodes(batch, ent_dev, config)
   result, compile_s = _timed(run)
@@ -80,6 +82,7 @@ def run_size(size: int) -> dict:
       "num_traj": tree.num_traj,
       "max_len": tree.max_len,
       "budget_fraction": FLAGS.budget_fraction,
+      "event_mode": FLAGS.event_mode,
       "build_s": round(build_s, 4),
       "batch_s": round(batch_s, 4),
       "jit_compile_s": round(compile_s, 3),
@@ -118,6 +121,7 @@ def retention_table(size, batch, ent) -> list:
     config.enabled = True
     config.budget_fraction = float(fraction)
     config.event_window = FLAGS.event_window
+    config.event_mode = FLAGS.event_mode
     row = {"case": "retention_synthetic", "target_tokens": size, "budget_fraction": float(fraction)}
     for agg in prune.ENTROPY_AGGS:
       for scope in prune.ENTROPY_SCOPES:

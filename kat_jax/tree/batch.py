@@ -23,6 +23,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import flax.struct
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kat_jax.tree.build import TrajectoryTree, prediction_index
@@ -151,6 +153,23 @@ def batch_trees(
     for name in names:
       fields[name][i, :k, :l] = t.fields[name]
   return TreeBatch(fields=fields, **out)
+
+
+def per_tree_token(batch, values_bkl: jax.Array, fill=0.0) -> jax.Array:
+  """[B, T] per-tree-token values from per-trajectory ones [B, K, L] (jittable).
+
+  For values that belong to a tree token rather than to a trajectory — the sampler's entropy or
+  log-prob of each generated token, which trajectories sharing a token share too (same context, same
+  policy) — e.g. to feed ``prune_tree_batch``. Where trajectories disagree on a shared token, one of
+  their values is taken. Padding tokens get ``fill``.
+  """
+  get = batch.get if isinstance(batch, dict) else lambda k: getattr(batch, k)
+  row_map, row_valid = jnp.asarray(get("row_map")), jnp.asarray(get("row_valid"))
+  b, t = jnp.shape(get("token_valid"))
+  values = jnp.asarray(values_bkl)
+  rows = jnp.where(row_valid, row_map, t).reshape(b, -1)   # invalid -> out of range, dropped
+  out = jnp.full((b, t), fill, values.dtype)
+  return jax.vmap(lambda o, r, v: o.at[r].set(v, mode="drop"))(out, rows, values.reshape(b, -1))
 
 
 def concat_trees(trees: Sequence[TrajectoryTree]) -> TrajectoryTree:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kat_jax.model.attention import visible
-from kat_jax.tree.batch import batch_trees, concat_trees
+from kat_jax.tree.batch import batch_trees, concat_trees, per_tree_token
 from kat_jax.tree.build import build_tree, interval_mask
 from tree_strategies import random_float_fields, trajectory_sets
 
@@ -77,6 +77,16 @@ def test_model_visibility_on_a_padded_forest():
                      [0, 0, 0, 0, 1]]
   want[1, :2, :2] = [[1, 0], [1, 1]]
   np.testing.assert_array_equal(vis, want)
+
+
+def test_per_tree_token_scatters_through_row_maps():
+  trees = [build_tree([[1, 2, 3], [1, 2, 4], [5]]), build_tree([[7, 8]])]
+  batch = batch_trees(trees, max_tokens=6, max_traj=3, max_len=4)
+  # A value per (trajectory, position) that is a function of the tree token: the token id * 10.
+  per_traj = np.where(batch.row_valid, batch.tokens[np.arange(2)[:, None, None], batch.row_map] * 10,
+                      -1).astype(np.float32)
+  got = np.asarray(per_tree_token(batch, per_traj, fill=-5.0))
+  np.testing.assert_array_equal(got, np.where(batch.token_valid, batch.tokens * 10, -5))
 
 
 def test_too_large_errors_name_sizes():
