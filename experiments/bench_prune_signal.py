@@ -165,14 +165,6 @@ def make_grad_fn(apply_fn: Callable) -> Callable:
   return grad_fn
 
 
-def tree_entropies(batch: dict) -> jax.Array:
-  """[B, T] sampling entropy of each tree token, from the per-trajectory ``entropy`` field (shared
-  tokens share it) — what the train step's ``token_entropies`` takes from a rollout."""
-  b = jnp.arange(batch["row_map"].shape[0])[:, None, None]
-  values = jnp.where(batch["row_valid"], batch["field/entropy"], 0.0)
-  return jnp.zeros(batch["tokens"].shape, jnp.float32).at[b, batch["row_map"]].max(values)
-
-
 def signal_retention(apply_fn: Callable, params, trees: Sequence, *,
                      budgets: Sequence[float] = DEFAULT_BUDGETS, random_seeds: int = 8,
                      methods: Sequence[str] = METHODS, grad_fn: Optional[Callable] = None) -> list:
@@ -182,7 +174,7 @@ def signal_retention(apply_fn: Callable, params, trees: Sequence, *,
   ``make_grad_fn(apply_fn)`` to reuse (one compilation across calls)."""
   tb = batch_lib.batch_trees(trees)
   batch = jax.tree.map(jnp.asarray, batch_to_arrays(tb))
-  entropies_bt = tree_entropies(batch)
+  entropies_bt = batch_lib.per_tree_token(batch, batch["field/entropy"])  # shared tokens share it
   host = jax.device_get(batch)
   pair_w = host["field/weight"][..., 1:] * host["pred_valid"]           # trained pairs [B, K, L-1]
   pair_e = host["field/entropy"][..., 1:].astype(np.float64)

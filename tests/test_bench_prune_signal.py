@@ -77,7 +77,7 @@ def test_keep_masks_respect_budget_and_entropy_recount(model_and_params):
   model, params, grad_fn = model_and_params
   trees = _trees()
   batch = jax.tree.map(jnp.asarray, batch_to_arrays(batch_lib.batch_trees(trees)))
-  ent_bt = bench.tree_entropies(batch)
+  ent_bt = batch_lib.per_tree_token(batch, batch["field/entropy"])
   budgets = (0.2, 0.5, 0.8)
   records = bench.signal_retention(model.apply, params, trees, budgets=budgets, random_seeds=1,
                                    methods=("entropy",), grad_fn=grad_fn)
