@@ -126,6 +126,19 @@ def sample_trees(sampler, prompts: Sequence[Sequence[int]], prompt_tags: Sequenc
   return trees
 
 
+def level_mean_entropies(trees: Sequence, prompt_lengths: Sequence[int],
+                         turn_tokens: Sequence[int]) -> list:
+  """Mean sampling entropy of each level's tokens, over trajectories (a token shared by n
+  trajectories counts n times, as the trained pairs do)."""
+  edges = np.cumsum([0] + list(turn_tokens))
+  out = []
+  for lo, hi in zip(edges[:-1], edges[1:]):
+    values = np.concatenate([t.fields["entropy"][:, p + lo:p + hi].ravel()
+                             for t, p in zip(trees, prompt_lengths)])
+    out.append(float(np.mean(values)))
+  return out
+
+
 # ------------------------------------------------------------------------- pruning + signal
 
 def prune_config(budget_fraction: float) -> ml_collections.ConfigDict:
@@ -232,12 +245,14 @@ def plot(records: Sequence[dict], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  panels = (("entropy_fraction", "retained entropy fraction"),
+  panels = (("entropy_fraction", "retained entropy fraction (trained pairs)"),
             ("grad_cosine", "cos(pruned grad, full grad)"),
+            ("kept_pair_fraction", "kept fraction of trained pairs"),
             ("grad_norm_ratio", "‖pruned grad‖ / ‖full grad‖"))
   styles = {"entropy": dict(color="C0", marker="o"), "random": dict(color="C1", marker="s"),
             "longest_path": dict(color="C2", marker="^")}
-  fig, axes = plt.subplots(1, len(panels), figsize=(14, 4.2))
+  fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
+  axes = axes.ravel()
   for ax, (key, title) in zip(axes, panels):
     for method in METHODS:
       rows = [r for r in records if r["method"] == method]
@@ -270,19 +285,33 @@ def _fmt(r: Optional[dict], key: str) -> str:
   return f"{r[key]:.3f}"
 
 
-def markdown_table(records: Sequence[dict]) -> str:
+def markdown_tables(records: Sequence[dict]) -> str:
+  """Two markdown tables (token / pair / entropy fractions; gradient cosine and norm ratio), one
+  row per budget, one column per method (E / R / L)."""
   by = {(r["method"], r["budget_fraction"]): r for r in records}
   budgets = sorted({r["budget_fraction"] for r in records})
-  cols = (("kept_pair_fraction", "kept pairs"), ("entropy_fraction", "entropy retained"),
-          ("grad_cosine", "grad cosine"), ("grad_norm_ratio", "grad norm ratio"))
-  head = ["budget"] + [f"{name}: {m}" for _, name in cols for m in ("E", "R", "L")]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for f in budgets:
-    cells = [f"{f:.1f}"]
-    for key, _ in cols:
-      cells += [_fmt(by.get((m, f)), key) for m in METHODS]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+  letters = {"entropy": "E", "random": "R", "longest_path": "L"}
+  same_tokens = all(len({round(by[(m, f)]["kept_token_fraction"], 12) for m in methods}) == 1
+                    for f in budgets)
+  groups = [
+      [("kept_token_fraction", "kept tokens" + (" (all)" if same_tokens else ""))],
+      [("kept_pair_fraction", "kept pairs"), ("entropy_fraction", "entropy retained")],
+      [("grad_cosine", "grad cosine"), ("grad_norm_ratio", "grad norm ratio")],
+  ]
+  tables = []
+  for cols in (groups[0] + groups[1], groups[2]):
+    head, keys = ["budget"], []
+    for key, name in cols:
+      ms = methods[:1] if key == "kept_token_fraction" and same_tokens else methods
+      head += [name if len(ms) == 1 else f"{name}: {letters[m]}" for m in ms]
+      keys += [(key, m) for m in ms]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for f in budgets:
+      lines.append("| " + " | ".join([f"{f:.1f}"] + [_fmt(by.get((m, f)), key)
+                                                     for key, m in keys]) + " |")
+    tables.append("\n".join(lines))
+  return "\n\n".join(tables)
 
 
 def write_markdown(path: str, records: Sequence[dict], setup: dict, command: str,
@@ -302,15 +331,15 @@ Written by `experiments/bench_prune_signal.py` (see its module docstring). Comma
 {command}
 ```
 
-**Setup.** {setup['description']}
-{r0['trees']} trees, {r0['tree_tokens']} tree tokens ({setup['prompt_tokens']} of them prompt
-tokens, never trained), {r0['flat_tokens']} flat tokens (POR {setup['por']:.3f}),
-{r0['trained_pairs']} trained pairs, {setup['event_tokens']} sampled tokens tagged as events.
-Mean sampling entropy of the trained pairs {setup['mean_entropy']:.3f} nats.
+**Setup.** {setup['description']} In all: {r0['trees']} trees, {r0['tree_tokens']} tree tokens
+({setup['prompt_tokens']} of them prompt tokens, never trained), {r0['flat_tokens']} flat tokens
+(POR {setup['por']:.3f}), {r0['trained_pairs']} trained pairs, {setup['event_tokens']} sampled
+tokens tagged as events. Mean sampling entropy of the trained pairs {setup['mean_entropy']:.3f}
+nats (by level: {setup['level_entropy']}). {setup['timing']}
 
 **Methods** at the same per-tree token budget floor(f · tree tokens) (prompt tokens count):
 E = `entropy` (`prune_nodes`, `default_prune_config()`), R = `random` (`prune_random`, mean ± std
-over {setup['random_seeds']} seeds), L = `longest_path` (`prune_longest_path`).
+over {setup['random_seeds']} seeds, population std), L = `longest_path` (`prune_longest_path`).
 
 **Measured** (whole batch; a pair is one trajectory's prediction of one sampled token, so a token
 shared by n trajectories counts n times, as in the flat loss):
@@ -323,7 +352,7 @@ shared by n trajectories counts n times, as in the flat loss):
 
 ![retained entropy fraction, gradient cosine and norm ratio vs budget](./{png_name})
 
-{markdown_table(records)}
+{markdown_tables(records)}
 
 """
   with open(path, "w") as f:
@@ -369,6 +398,7 @@ def run(config, workdir: Optional[str], args) -> list:
   from experiments.eval import find_tokenizer_dir
 
   start = time.perf_counter()
+  train_s = 0.0
   if workdir is None:
     workdir = tempfile.mkdtemp(prefix="kat_prune_signal_")
     config.data.data_dir = os.path.join(workdir, "tfds")
@@ -376,10 +406,12 @@ def run(config, workdir: Optional[str], args) -> list:
         config.train.warmup_steps, max(args["train_steps"] // 4, 1)), eval_every=0,
         checkpoint_every=args["train_steps"], progress_bar=False,
         log_every=max(args["train_steps"] // 3, 1)))
-    _log(f"training {config.stage} for {args['train_steps']} steps in {workdir}")
+    _log(f"training {config.stage} for {args['train_steps']} steps in {workdir} (kept; reuse it "
+         f"with --workdir={workdir})")
     result = loop.train(config, workdir)
+    train_s = time.perf_counter() - start
     _log(f"trained: step {result['step']}, loss {result.get('train_loss', float('nan')):.3f} "
-         f"({time.perf_counter() - start:.0f}s)")
+         f"({train_s:.0f}s)")
   tokenizer = tokenizer_lib.load_tokenizer(find_tokenizer_dir(workdir, config))
   state, model, _, step = loop.load_state(config, workdir)
   tasks = generate.generate_tasks(args["seed"], args["num_tasks"], split=args["split"])
@@ -404,7 +436,7 @@ def run(config, workdir: Optional[str], args) -> list:
     print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}),
           flush=True)
   if args["write_docs"]:
-    sampled = np.concatenate([t.fields["entropy"][t.fields["weight"] > 0] for t in trees])
+    sampled = np.concatenate([t.fields["entropy"][t.fields["weight"] > 0] for t in trees])  # pairs
     n_prompt = sum(len(p) for p in prompts)
     event_tokens = sum(int(np.sum(t.tags[t.positions >= len(p)] > 0))
                        for t, p in zip(trees, prompts))
@@ -420,8 +452,12 @@ def run(config, workdir: Optional[str], args) -> list:
         "por": 1.0 - sum(t.n_tree for t in trees) / sum(t.n_flat for t in trees),
         "event_tokens": event_tokens,
         "mean_entropy": float(np.mean(sampled)),
+        "level_entropy": " / ".join(f"{e:.3f}" for e in level_mean_entropies(
+            trees, [len(p) for p in prompts], turn_tokens)),
         "random_seeds": args["random_seeds"],
     }
+    setup["timing"] = (f"Wall time {time.perf_counter() - start:.0f} s on a shared 2-core CPU"
+                       + (f" ({train_s:.0f} s of it training)." if train_s else "."))
     os.makedirs(args["docs_dir"], exist_ok=True)
     png = os.path.join(args["docs_dir"], "prune_signal.png")
     plot(records, png)
