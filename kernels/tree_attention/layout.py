@@ -132,7 +132,7 @@ def exact_block_mask(tin: np.ndarray, tout: np.ndarray, block_q: int, block_k: i
     diff = np.zeros((nk, u.size + 1), np.int32)
     np.add.at(diff, (key_block[live], lo[live]), 1)
     np.add.at(diff, (key_block[live], hi[live]), -1)
-    covered = np.cumsum(diff, axis=1)[:, :u.size] > 0  # [nk, U]
+    covered = np.cumsum(diff, axis=1, dtype=np.int32)[:, :u.size] > 0  # [nk, U]
     q_rank = np.searchsorted(u, q_tin, "left")
     vis_k_q = covered[:, q_rank]  # [nk, nq * block_q]
     out[row] = vis_k_q.reshape(nk, nq, block_q).any(-1).T

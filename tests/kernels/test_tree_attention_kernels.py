@@ -140,10 +140,10 @@ def test_grouped_query_attention_four_heads_per_kv_head(name):
   _check_against_oracle(name, tin, tout, hq=4, hkv=1)
 
 
-@pytest.mark.parametrize("name", ["reference", "blocksparse", "pallas_gpu"])
-def test_head_dim_not_a_power_of_two(name):
+def test_head_dim_not_a_power_of_two_on_the_gpu_kernel():
+  # Triton tiles are powers of two: the GPU path pads D = 12 to 16 (and must keep 1/sqrt(12)).
   tin, tout = forest_batch([intervals_from_climbs([0, 0, 4], 70, 80)])
-  _check_against_oracle(name, tin, tout, hq=2, hkv=2, d=12)
+  _check_against_oracle("pallas_gpu", tin, tout, hq=2, hkv=2, d=12)
 
 
 def test_arbitrary_intervals_not_in_dfs_order():
@@ -155,7 +155,10 @@ def test_arbitrary_intervals_not_in_dfs_order():
     _check_against_oracle(name, tin, tout)
 
 
-@pytest.mark.parametrize("name", ["reference", "blocksparse", "pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("name", [
+    "reference", "blocksparse",
+    pytest.param("pallas_tpu", marks=pytest.mark.slow),
+    pytest.param("pallas_gpu", marks=pytest.mark.slow)])
 def test_bfloat16_inputs(name):
   tin, tout = forest_batch([intervals_from_climbs([0, 0, 0, 2, 0, 7], 80, 80)])
   q, k, v, w = _inputs(1, 1, 80, 4, 2, 16, jnp.bfloat16)

@@ -20,7 +20,7 @@ def _token_level_block_mask(tin, tout, block_q, block_k):
   return vis.reshape(b, nq, block_q, nk, block_k).any(axis=(2, 4))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(rows=st.lists(forest_intervals(t=45), min_size=2, max_size=2),
        block_q=st.sampled_from([4, 8, 16]), block_k=st.sampled_from([4, 8, 16]))
 def test_exact_block_mask_matches_token_mask_and_bounds_are_conservative(rows, block_q, block_k):
@@ -45,7 +45,7 @@ def test_exact_block_mask_for_arbitrary_intervals(tin, length):
   assert not np.any(exact & ~bounds)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(rows=st.lists(forest_intervals(t=40), min_size=1, max_size=3),
        chunk_width=st.integers(1, 5))
 def test_visit_lists_and_chunks_cover_exactly_the_visited_pairs(rows, chunk_width):
