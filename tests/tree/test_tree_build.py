@@ -8,7 +8,7 @@ from kat_jax.tree.build import build_tree, interval_mask, prediction_index
 from kat_jax.tree.reference import reference_serialization
 from tree_strategies import random_float_fields, trajectory_sets
 
-SETTINGS = hypothesis.settings(max_examples=80, deadline=None)
+SETTINGS = hypothesis.settings(max_examples=60, deadline=None)
 
 
 def _prefix_of(tree, k, j):
