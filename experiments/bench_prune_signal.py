@@ -168,7 +168,8 @@ def make_grad_fn(apply_fn: Callable) -> Callable:
   from jax.flatten_util import ravel_pytree
   from kat_jax.train import losses
   loss = losses.get_loss("tree")
-  ctx = losses.LossContext(apply_fn=apply_fn, config=ml_collections.ConfigDict({"objective": "nll"}))
+  train_cfg = ml_collections.ConfigDict({"objective": "nll"})
+  ctx = losses.LossContext(apply_fn=apply_fn, config=train_cfg)
 
   @jax.jit
   def grad_fn(params, batch, keep_bt):
