@@ -173,8 +173,8 @@ def build_tree(
   for i, s in enumerate(seqs):
     if s.size == 0:
       raise ValueError(
-          f"trajectory {i} is empty: every trajectory needs at least one token (drop empty rollouts "
-          "before building the tree)")
+          f"trajectory {i} is empty: every trajectory needs at least one token (drop empty "
+          "rollouts before building the tree)")
   lengths = np.array([s.size for s in seqs], np.int32)
   width = int(lengths.max())
   if tags is None:
@@ -239,8 +239,8 @@ def build_tree(
   flat_traj = np.broadcast_to(np.arange(k, dtype=np.int32)[:, None], row_map.shape)[valid]
   token_traj_count = np.bincount(flat_rows, minlength=n_tree).astype(np.int32)
 
-  # Node starts: a root token, a token whose parent forks or ends a trajectory, or (optionally) a tag
-  # change / chunk boundary. A token with exactly one child has it at the next serialized index,
+  # Node starts: a root token, a token whose parent forks or ends a trajectory, or (optionally) a
+  # tag change / chunk boundary. A token with exactly one child has it at the next serialized index,
   # so nodes are contiguous ranges.
   has_parent = parent >= 0
   safe_parent = np.where(has_parent, parent, 0)

@@ -67,12 +67,11 @@ Usage::
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from kat_jax.tree.build import EVENT_TAGS
 

@@ -25,7 +25,7 @@ def test_batch_padding_and_alignment(sets, extra, seed):
     vis = interval_mask(batch.tin[i], batch.tout[i])[None]
     n = tree.n_tree
     np.testing.assert_array_equal(vis[0, :n, :n], interval_mask(tree.tin, tree.tout))
-    assert not vis[0, n:, :].any() and not vis[0, :, n:].any()   # padding sees nothing, seen by none
+    assert not vis[0, n:, :].any() and not vis[0, :, n:].any()  # padding: sees none, seen by none
     np.testing.assert_array_equal(batch.token_valid[i], np.arange(t_max) < n)
     k = tree.num_traj
     assert batch.traj_valid[i].sum() == k
@@ -68,7 +68,7 @@ def test_concat_trees_is_a_forest_of_disjoint_blocks(sets):
 
 
 def test_model_visibility_on_a_padded_forest():
-  """The model's own mask function on a padded batch: the tree's ancestor mask, nothing for padding."""
+  """The model's mask function on a padded batch: the tree's ancestor mask, nothing for padding."""
   trees = [build_tree([[1, 2, 3], [1, 2, 4], [5]]), build_tree([[7, 8]])]
   batch = batch_trees(trees, max_tokens=8)
   vis = np.asarray(visible(jnp.asarray(batch.tin), jnp.asarray(batch.tin), jnp.asarray(batch.tout)))

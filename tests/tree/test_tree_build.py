@@ -59,7 +59,8 @@ def test_node_invariants(data, split_on_tags, max_node_tokens):
   trajs, tags = data
   tree = build_tree(trajs, tags=tags, split_on_tags=split_on_tags, max_node_tokens=max_node_tokens)
   m = tree.num_nodes
-  assert tree.node_start[0] == 0 and tree.node_size.sum() == tree.n_tree and (tree.node_size > 0).all()
+  assert tree.node_start[0] == 0 and tree.node_size.sum() == tree.n_tree
+  assert (tree.node_size > 0).all()
   np.testing.assert_array_equal(np.repeat(np.arange(m), tree.node_size), tree.token_node)
   through_token = [set() for _ in range(tree.n_tree)]
   for k in range(tree.num_traj):

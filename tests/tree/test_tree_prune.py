@@ -192,7 +192,8 @@ def test_invariants(mode, tree, seed, budget, more, truncate):
 
 
 @hypothesis.settings(max_examples=6, deadline=None)
-@hypothesis.given(forest=st.lists(trees(), min_size=3, max_size=3), seed=st.integers(0, 2 ** 31 - 1))
+@hypothesis.given(forest=st.lists(trees(), min_size=3, max_size=3),
+                  seed=st.integers(0, 2 ** 31 - 1))
 def test_vmap_over_batch_equals_per_tree(forest, seed):
   config = _config(budget_fraction=0.4, event_window=1)
   ent, _ = _signals(seed, len(forest))
@@ -222,7 +223,8 @@ def test_baselines_and_hook():
   np.testing.assert_array_equal(a, b)
   assert int(np.asarray(a).sum()) == 6
   # Disabled: every real token kept.
-  keep, metrics = prune.prune_tree_batch(batch, np.ones((1, T_MAX), np.float32), _config(enabled=False))
+  keep, metrics = prune.prune_tree_batch(batch, np.ones((1, T_MAX), np.float32),
+                                         _config(enabled=False))
   np.testing.assert_array_equal(keep, batch.token_valid)
   assert int(metrics["kept_tokens"][0]) == tree.n_tree
   # Jittable end to end, the config closed over.
