@@ -109,7 +109,7 @@ def pad_intervals(tin, tout, t_pad: int, xp=jnp):
 
 
 def exact_block_mask(tin: np.ndarray, tout: np.ndarray, block_q: int, block_k: int) -> np.ndarray:
-  """Host-side exact block mask, bool [B, nq, nk]: key block j has a key visible to a query of block i.
+  """Host-side exact block mask, bool [B, nq, nk]: block j has a key visible to a query of block i.
 
   For each key block the union of its key intervals [tin, tout) is a coverage count over the
   sorted distinct query entry numbers (difference array + cumsum), read at every query:
@@ -183,6 +183,26 @@ def visit_lists(block_mask, xp=jnp):
   slot = xp.minimum(xp.arange(m, dtype=xp.int32), last)
   ids = xp.take_along_axis(order, slot, axis=-1).astype(xp.int32)
   return ids, counts
+
+
+LIST_KEYS = ("kv_ids", "kv_counts", "q_ids", "q_counts")
+
+
+def mask_visit_lists(mask, block_sizes: BlockSizes):
+  """(kv_ids [B,nq,nk], kv_counts [B,nq], q_ids [B,nk,nq], q_counts [B,nk]) int32 for a mask.
+
+  From ``mask.blocks`` when present (checked against the block sizes), else in the graph from
+  the per-block interval bounds (``block_mask_from_bounds``).
+  """
+  b, t = mask.tin.shape
+  if mask.blocks is not None:
+    check_layout(mask.blocks, b, t, block_sizes, LIST_KEYS)
+    return tuple(jnp.asarray(mask.blocks[key], jnp.int32) for key in LIST_KEYS)
+  block_mask = block_mask_from_bounds(mask.tin.astype(jnp.int32), mask.tout.astype(jnp.int32),
+                                      block_sizes.block_q, block_sizes.block_k)
+  kv_ids, kv_counts = visit_lists(block_mask)
+  q_ids, q_counts = visit_lists(jnp.swapaxes(block_mask, 1, 2))
+  return kv_ids, kv_counts, q_ids, q_counts
 
 
 def _chunks(ids: np.ndarray, counts: np.ndarray, width: int, dummy: int):

@@ -27,7 +27,8 @@ import jax
 
 from kernels.tree_attention import pallas_gpu, pallas_tpu
 from kernels.tree_attention.layout import BlockSizes
-from kernels.tree_attention.reference import tree_attention as tree_attention_reference  # noqa: F401  (same signature)
+# The plain-XLA reference with the same signature, kept beside the kernel as in pallas/ops.
+from kernels.tree_attention.reference import tree_attention as tree_attention_reference  # noqa
 
 VARIANTS = {"tpu": pallas_tpu, "gpu": pallas_gpu}
 CPU_VARIANT = "tpu"

@@ -35,9 +35,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.tree_attention import blockwise, reference
-from kernels.tree_attention.layout import PAD_INTERVAL, BlockSizes, num_blocks
-from kernels.tree_attention.pallas_tpu import visit_lists_for
-from kernels.tree_attention.reference import tree_attention as tree_attention_reference  # noqa: F401  (same signature)
+from kernels.tree_attention.layout import PAD_INTERVAL, BlockSizes, mask_visit_lists, num_blocks
+# The plain-XLA reference with the same signature, kept beside the kernel as in pallas/ops.
+from kernels.tree_attention.reference import tree_attention as tree_attention_reference  # noqa
 
 NEG = blockwise.NEG
 
@@ -50,8 +50,8 @@ def tree_attention(q_bthd, k_bshd, v_bshd, mask, *, block_sizes: Optional[BlockS
                    interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
   """Tree self-attention, [B, T, Hq, D] x [B, T, Hkv, D] -> [B, T, Hq, D] (dtype of q)."""
   block_sizes = block_sizes or default_block_sizes()
-  reference._check_inputs(q_bthd, k_bshd, v_bshd, mask)
-  kv_ids, kv_counts, q_ids, q_counts = visit_lists_for(mask, block_sizes)
+  reference.check_inputs(q_bthd, k_bshd, v_bshd, mask)
+  kv_ids, kv_counts, q_ids, q_counts = mask_visit_lists(mask, block_sizes)
   # Triton refs like power-of-two shapes: pad the list width (entries past the count are unread)
   # and give each count a trailing axis of 1.
   pow2 = lambda ids: blockwise.pad_axis(ids, 2, pl.next_power_of_2(ids.shape[2]))

@@ -25,7 +25,9 @@ How it works:
 
 ``tree_attention(q, k, v, mask, block_sizes=..., interpret=...)``; the Mosaic compiler wants
 block_k a multiple of 128 (block_k < 128 is accepted for interpret mode) and block_q a multiple
-of 8. On CPU use ``interpret=pltpu.InterpretParams()`` (what ``pallas.tree_attention`` does).
+of 8. On CPU use ``interpret=True`` (the HLO interpreter; what ``pallas.tree_attention`` does)
+or ``interpret=pltpu.InterpretParams()`` (the TPU-faithful simulator: about ten times slower, but
+it poisons uninitialized memory and checks bounds).
 """
 from __future__ import annotations
 
@@ -39,15 +41,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.tree_attention import blockwise, reference
-from kernels.tree_attention.layout import (PAD_INTERVAL, BlockSizes, block_mask_from_bounds,
-                                           check_layout, num_blocks, visit_lists)
-from kernels.tree_attention.reference import tree_attention as tree_attention_reference  # noqa: F401  (same signature)
+from kernels.tree_attention.layout import (PAD_INTERVAL, BlockSizes, mask_visit_lists,
+                                           num_blocks)
+# The plain-XLA reference with the same signature, kept beside the kernel as in pallas/ops.
+from kernels.tree_attention.reference import tree_attention as tree_attention_reference  # noqa
 
 LANES = 128
 SUBLANES = 8
 NEG = blockwise.NEG
 _TRANS_B = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
-LIST_KEYS = ("kv_ids", "kv_counts", "q_ids", "q_counts")
 
 
 def default_block_sizes() -> BlockSizes:
@@ -58,23 +60,10 @@ def tree_attention(q_bthd, k_bshd, v_bshd, mask, *, block_sizes: Optional[BlockS
                    interpret: Any = False):
   """Tree self-attention, [B, T, Hq, D] x [B, T, Hkv, D] -> [B, T, Hq, D] (dtype of q)."""
   block_sizes = block_sizes or default_block_sizes()
-  reference._check_inputs(q_bthd, k_bshd, v_bshd, mask)
-  lists = visit_lists_for(mask, block_sizes)
+  reference.check_inputs(q_bthd, k_bshd, v_bshd, mask)
+  lists = mask_visit_lists(mask, block_sizes)
   return _attend(q_bthd, k_bshd, v_bshd, mask.tin.astype(jnp.int32),
                  mask.tout.astype(jnp.int32), lists, block_sizes, interpret)
-
-
-def visit_lists_for(mask, block_sizes: BlockSizes):
-  """(kv_ids [B,nq,nk], kv_counts [B,nq], q_ids [B,nk,nq], q_counts [B,nk]) from blocks or in graph."""
-  b, t = mask.tin.shape
-  if mask.blocks is not None:
-    check_layout(mask.blocks, b, t, block_sizes, LIST_KEYS)
-    return tuple(jnp.asarray(mask.blocks[key], jnp.int32) for key in LIST_KEYS)
-  block_mask = block_mask_from_bounds(mask.tin.astype(jnp.int32), mask.tout.astype(jnp.int32),
-                                      block_sizes.block_q, block_sizes.block_k)
-  kv_ids, kv_counts = visit_lists(block_mask)
-  q_ids, q_counts = visit_lists(jnp.swapaxes(block_mask, 1, 2))
-  return kv_ids, kv_counts, q_ids, q_counts
 
 
 # ------------------------------------------------------------------------------------------------

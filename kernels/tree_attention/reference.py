@@ -24,12 +24,13 @@ from kernels.tree_attention.layout import DEFAULT_BLOCK, PAD_INTERVAL, num_block
 
 def tree_attention(q_bthd, k_bshd, v_bshd, mask, *, block_k: int = DEFAULT_BLOCK):
   """Tree self-attention, [B, T, Hq, D] x [B, T, Hkv, D] -> [B, T, Hq, D] (dtype of q)."""
-  _check_inputs(q_bthd, k_bshd, v_bshd, mask)
+  check_inputs(q_bthd, k_bshd, v_bshd, mask)
   return _attend(q_bthd, k_bshd, v_bshd, mask.tin.astype(jnp.int32),
                  mask.tout.astype(jnp.int32), block_k)
 
 
-def _check_inputs(q, k, v, mask):
+def check_inputs(q, k, v, mask):
+  """Raises a ValueError naming the offending shape unless the inputs fit the signature."""
   b, t, hq, d = q.shape
   if k.shape != v.shape or k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
     raise ValueError(f"self-attention needs k, v of shape [B={b}, T={t}, Hkv, D={d}]; "

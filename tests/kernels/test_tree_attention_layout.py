@@ -92,7 +92,9 @@ def test_two_long_branches_visit_fewer_blocks_than_causal():
   # Blocks of 64: 0 = prompt, 1..7 = branch 1, 8 = end of branch 1 + start of branch 2,
   # 9..15 = branch 2. Query block 0 sees 1 block, i in 1..7 sees 0..i, block 8 sees 0..8, and a
   # branch-2 block i sees the prompt, block 8 and 9..i (never branch 1's blocks 1..7).
-  assert visited == 1 + sum(i + 1 for i in range(1, 8)) + 9 + sum(2 + i - 9 + 1 for i in range(9, 16))
+  branch_1 = sum(i + 1 for i in range(1, 8))
+  branch_2 = sum(2 + (i - 9 + 1) for i in range(9, 16))
+  assert visited == 1 + branch_1 + 9 + branch_2
   assert visited == 87 and causal == 136
   in_graph = np.asarray(layout.block_mask_from_bounds(jnp.asarray(tin), jnp.asarray(tout), 64, 64))
   assert in_graph.sum() < causal
