@@ -1,5 +1,6 @@
 """The tiny model learns real code: mid-training on the Python standard library's sources (with a
-sentencepiece model trained from them) lowers the held-out loss within a few dozen steps."""
+sentencepiece model trained from them, FIM on, mixed with procedural instruction data) lowers the
+held-out loss within a few dozen steps."""
 import numpy as np
 
 from configs import midtrain_tiny
@@ -15,4 +16,8 @@ def test_tiny_loss_decreases_on_stdlib(tmp_path):
   initial = np.log(c.model.vocab_size)   # a freshly initialized model predicts ~uniformly
   assert result["step"] == 40
   assert result["eval_loss"] < initial - 1.0, result
-  assert result["train_data/token_fraction/code"] == 1.0
+  # Both streams of the mixture feed the run (exact long-run proportions: tests/data/test_mixture.py;
+  # over 40 short steps the share lags, since a drawn code file is counted whole) and FIM is on.
+  assert result["train_data/token_fraction/code"] > 0.5, result
+  assert result["train_data/token_fraction/procedural"] > 0.1, result
+  assert result["train_data/fim_token_fraction"] > 0.1, result
