@@ -22,6 +22,12 @@ class ModelConfig:
   head_dim: int
   mlp_dim: int
   rope_theta: float = 10_000.0
+  # Llama 3.1-style RoPE frequency scaling ("" = none, "llama3"); see transformer.rope_inv_freq.
+  rope_scaling: str = ""
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
   norm_eps: float = 1e-6
   qk_norm: bool = False          # Qwen3
   qkv_bias: bool = False         # Qwen2 / Qwen2.5
@@ -58,6 +64,9 @@ class ModelConfig:
       if getattr(self, name) not in ("float32", "bfloat16"):
         raise config_lib.ConfigError(
             f"config.model.{name}={getattr(self, name)!r}: use 'float32' or 'bfloat16'")
+    if self.rope_scaling not in ("", "llama3"):
+      raise config_lib.ConfigError(
+          f"config.model.rope_scaling={self.rope_scaling!r}: use '' (none) or 'llama3'")
     if self.remat not in ("none", "full", "dots", "dots_no_batch"):
       raise config_lib.ConfigError(
           f"config.model.remat={self.remat!r}: use one of none, full, dots, dots_no_batch")

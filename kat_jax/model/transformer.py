@@ -77,10 +77,26 @@ class RMSNorm(nn.Module):
     return y.astype(x.dtype)
 
 
-def rope(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse RoPE frequencies [head_dim / 2]; with ``rope_scaling='llama3'`` the Llama 3.1 rule:
+  low frequencies (wavelength > original context / low_freq_factor) divided by the factor, high ones
+  kept, the band between interpolated smoothly."""
+  d = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  if cfg.rope_scaling != "llama3":
+    return inv
+  factor, lo, hi = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  ctx = float(cfg.rope_original_max_position)
+  wavelen = 2.0 * jnp.pi / inv
+  scaled = jnp.where(wavelen > ctx / lo, inv / factor, inv)
+  smooth = (ctx / wavelen - lo) / (hi - lo)
+  smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= ctx / hi) & (wavelen <= ctx / lo)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array) -> jax.Array:
   """Rotary embedding, rotate-half convention (as Llama/Qwen checkpoints use)."""
-  d = x_bthd.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
   angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq          # [B, T, D/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]       # [B, T, 1, D]
   x = x_bthd.astype(jnp.float32)
@@ -114,8 +130,9 @@ class Attention(nn.Module):
     if cfg.qk_norm:
       q = RMSNorm(cfg, hd, ("head_dim",), name="q_norm")(q)
       k = RMSNorm(cfg, hd, ("head_dim",), name="k_norm")(k)
-    q = rope(q, positions, cfg.rope_theta)
-    k = rope(k, positions, cfg.rope_theta)
+    inv_freq = rope_inv_freq(cfg)
+    q = rope(q, positions, inv_freq)
+    k = rope(k, positions, inv_freq)
     q = sharding_lib.constrain(q, ("act_batch", "act_length", "act_heads", None), self.mesh,
                                self.rules)
 

@@ -40,6 +40,12 @@ FAMILIES = {
                                              rms_norm_eps=1e-6), None),
     "llama": (transformers.LlamaConfig, dict(tie_word_embeddings=False, rope_theta=500_000.0,
                                              rms_norm_eps=1e-5), None),
+    # Llama 3.1 / 3.2: 'llama3' RoPE frequency scaling (a short original context so that every band
+    # of the rule — divided, smoothed, kept — holds some of the test model's frequencies).
+    "llama31": (transformers.LlamaConfig, dict(
+        tie_word_embeddings=False, rope_theta=500_000.0, rms_norm_eps=1e-5,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 512}), None),
 }
 
 
@@ -110,11 +116,12 @@ def test_logits_and_greedy_generation_match_transformers(hf_models, family):
   model_config, params = hf.import_hf(path)
   cfg = ModelConfig.from_config(model_config)
   assert (cfg.qk_norm, cfg.qkv_bias) == {"qwen3": (True, False), "qwen2": (False, True),
-                                         "llama": (False, False)}[family]
+                                         "llama": (False, False), "llama31": (False, False)}[family]
   assert cfg.tie_embeddings == (family == "qwen2") and ("lm_head" in params) != cfg.tie_embeddings
   assert cfg.head_dim == (16 if family == "qwen3" else 8)
   assert cfg.rope_theta == FAMILIES[family][1]["rope_theta"]
   assert cfg.norm_eps == FAMILIES[family][1]["rms_norm_eps"]
+  assert cfg.rope_scaling == ("llama3" if family == "llama31" else "")
 
   tokens = np.random.default_rng(1).integers(0, VOCAB, (2, 24))
   forward = _forward_fn(cfg)
@@ -243,11 +250,9 @@ def test_bad_checkpoints_fail_naming_the_tensor(hf_models, tmp_path):
   base = hf.read_hf_config(path)
   with pytest.raises(hf.UnsupportedCheckpointError, match="gemma2"):
     hf.model_config_from_hf({**base, "model_type": "gemma2"})
-  llama31 = {**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
-                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                      "original_max_position_embeddings": 8192}}
-  with pytest.raises(hf.UnsupportedCheckpointError, match="llama3"):
-    hf.model_config_from_hf(llama31)
+  yarn = {**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+  with pytest.raises(hf.UnsupportedCheckpointError, match="yarn"):
+    hf.model_config_from_hf(yarn)
   with pytest.raises(hf.UnsupportedCheckpointError, match="attention_bias"):
     hf.model_config_from_hf({**base, "attention_bias": True})
   with pytest.raises(hf.UnsupportedCheckpointError, match="use_sliding_window"):

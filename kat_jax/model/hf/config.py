@@ -79,11 +79,18 @@ def model_config_from_hf(hf: dict[str, Any], *, param_dtype: str = "float32",
     raise UnsupportedCheckpointError(
         f"config.json hidden_act={act!r}: the kat_jax MLP is SwiGLU with SiLU only")
   theta, scaling = _rope_theta_and_scaling(hf)
+  rope_fields = {}
   if scaling is not None:
-    raise UnsupportedCheckpointError(
-        f"config.json rope scaling {scaling} is not supported: kat_jax.model.transformer.rope "
-        "implements plain rotate-half RoPE (rope_theta only). Import a checkpoint without rope "
-        "scaling (e.g. Llama 3 8B rather than 3.1), or add the scaled inverse frequencies to rope()")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "llama3":
+      raise UnsupportedCheckpointError(
+          f"config.json rope scaling {scaling} is not supported: kat_jax.model.transformer.rope "
+          "implements plain rotate-half RoPE and Llama 3.1's 'llama3' frequency scaling only")
+    rope_fields = dict(
+        rope_scaling="llama3", rope_scaling_factor=float(scaling["factor"]),
+        rope_low_freq_factor=float(scaling["low_freq_factor"]),
+        rope_high_freq_factor=float(scaling["high_freq_factor"]),
+        rope_original_max_position=int(scaling["original_max_position_embeddings"]))
   if hf.get("use_sliding_window", False):
     raise UnsupportedCheckpointError(
         f"config.json use_sliding_window=True (sliding_window={hf.get('sliding_window')}): kat_jax "
@@ -110,7 +117,7 @@ def model_config_from_hf(hf: dict[str, Any], *, param_dtype: str = "float32",
       mlp_dim=int(hf["intermediate_size"]), rope_theta=theta,
       norm_eps=float(hf.get("rms_norm_eps", _DEFAULT_RMS_EPS)), qk_norm=qk_norm, qkv_bias=qkv_bias,
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)), param_dtype=param_dtype,
-      dtype=dtype)
+      dtype=dtype, **rope_fields)
   model.validate()
   return ml_collections.ConfigDict(dict(name=f"hf_{model_type}", **dataclasses.asdict(model)))
 
@@ -145,6 +152,11 @@ def hf_config_from_model(model: ModelConfig, *, torch_dtype: str = "float32",
       head_dim=model.head_dim, intermediate_size=model.mlp_dim, hidden_act="silu",
       rms_norm_eps=model.norm_eps, rope_theta=model.rope_theta, rope_scaling=None,
       tie_word_embeddings=model.tie_embeddings, torch_dtype=torch_dtype)
+  if model.rope_scaling == "llama3":
+    out["rope_scaling"] = dict(
+        rope_type="llama3", factor=model.rope_scaling_factor,
+        low_freq_factor=model.rope_low_freq_factor, high_freq_factor=model.rope_high_freq_factor,
+        original_max_position_embeddings=model.rope_original_max_position)
   out.setdefault("max_position_embeddings", 32768)
   if model_type == "qwen2" or model_type == "qwen3":
     out.update(use_sliding_window=False)
