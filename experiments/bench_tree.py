@@ -6,8 +6,10 @@ trajectory sets, same loss code, same block-skipping attention, timed side by si
 Trajectory sets: a long shared prompt, then branching multi-turn continuations (a first turn per
 branch, optionally forking again into second turns), sized for POR ≈ 0.5, 0.75 and 0.875.
 The flat baseline is the strongest fair one: every trajectory its own row of a [K, L] batch, the
-`tree` loss (identical code) over singleton trees, and attention that skips key blocks above the
-causal diagonal (the same block-sparse implementation, fed flat intervals). One JSON object per case:
+`tree` loss (identical code) over singleton trees, attention that skips key blocks above the causal
+diagonal (the same block-sparse implementation, fed flat intervals), and its best batching: the K rows
+are run as micro-batches of r rows for every r in --flat_rows (a power of two ≤ K; gradients summed),
+and the fastest total is the baseline. One JSON object per case:
 por, bound (= 1/(1-POR)), flat_s, tree_s, speedup, efficiency (= speedup / bound), attention_impl,
 plus the token counts and the visited-block fraction of both layouts.
 """
@@ -21,6 +23,8 @@ _PRESET = flags.DEFINE_string("preset", "small", "Model preset.")
 _ATTN = flags.DEFINE_string("attention_impl", "blocksparse", "config.model.attention_impl")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repeats per case (best is kept).")
 _CASES = flags.DEFINE_string("cases", "0.5,0.75,0.875", "Comma-separated POR targets.")
+_FLAT_ROWS = flags.DEFINE_string("flat_rows", "1,2,4,8,16",
+                                 "Flat micro-batch sizes (rows) to try; the fastest is the baseline.")
 
 # prompt tokens, first-level branches, first-turn tokens, second-level branches, second-turn tokens
 SHAPES = {
@@ -94,14 +98,23 @@ def main(argv):
     singles = [build.build_tree([t], fields=dict(weight=[w]))
                for t, w in zip(trajs, fields["weight"])]
     tree_arrays, tree_visited = prepare([tree], _round(tree.n_tree))
-    flat_arrays, flat_visited = prepare(singles, _round(max(len(t) for t in trajs)))
-    flat_s, tree_s = timed(flat_arrays), timed(tree_arrays)
+    flat_len = _round(max(len(t) for t in trajs))
+    flat_times = {}
+    for rows in sorted({int(r) for r in _FLAT_ROWS.value.split(",")}):
+      if rows > len(singles) or len(singles) % rows:
+        continue
+      chunks = [prepare(singles[i:i + rows], flat_len) for i in range(0, len(singles), rows)]
+      flat_visited = chunks[0][1]
+      flat_times[rows] = sum(timed(arrays) for arrays, _ in chunks)
+    best_rows = min(flat_times, key=flat_times.get)
+    flat_s, tree_s = flat_times[best_rows], timed(tree_arrays)
     por = tree.por
     bound = 1.0 / (1.0 - por)
     print(json.dumps(dict(
         case=case, por=por, bound=bound, flat_s=flat_s, tree_s=tree_s, speedup=flat_s / tree_s,
         efficiency=flat_s / tree_s / bound, attention_impl=_ATTN.value, preset=_PRESET.value,
         n_flat=tree.n_flat, n_tree=tree.n_tree, num_trajectories=len(trajs),
+        flat_best_rows=best_rows, flat_s_by_rows={str(k): v for k, v in flat_times.items()},
         flat_visited_block_fraction=flat_visited, tree_visited_block_fraction=tree_visited,
         device=str(jax.devices()[0].device_kind))), flush=True)
 
