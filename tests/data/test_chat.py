@@ -7,34 +7,7 @@ import pytest
 from kat_jax.data import chat, special_tokens as st, taxonomy
 from kat_jax.data.chat import Conversation, EventTag, Message
 from kat_jax.data.toolcall import ToolCall, ToolSpec
-
-
-class ByteTokenizer:
-  """Test double for the tokenizer protocol: UTF-8 bytes are ids 0..255, specials follow."""
-
-  def __init__(self):
-    self.specials = {s: 256 + i for i, s in enumerate(st.ALL)}
-    self.by_id = {i: s for s, i in self.specials.items()}
-    self.vocab_size = 256 + len(st.ALL)
-    self.eos_id = self.specials[st.END_OF_TEXT]
-    self.pad_id = self.specials[st.PAD]
-
-  def encode(self, text):
-    return list(text.encode("utf-8"))
-
-  def token_id(self, special):
-    return self.specials[special]
-
-  def decode(self, ids):
-    out, buf = [], bytearray()
-    for i in ids:
-      i = int(i)
-      if i in self.by_id:
-        out.append(buf.decode("utf-8")); buf = bytearray(); out.append(self.by_id[i])
-      else:
-        buf.append(i)
-    out.append(buf.decode("utf-8"))
-    return "".join(out)
+from byte_tokenizer import ByteTokenizer
 
 
 TOK = ByteTokenizer()

@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as hst
 
 from kat_jax.data import chat, fim, special_tokens as st
 from kat_jax.data.fim import FimExample, FimStats
+from byte_tokenizer import ByteTokenizer
 
 CRAFTED = '''# path: pkg/mod.py
 # language: Python
@@ -55,27 +56,6 @@ DOCS = {
     "textwrap": inspect.getsource(textwrap),
     "json_encoder": inspect.getsource(json.encoder),
 }
-
-
-class ByteTokenizer:
-  def __init__(self):
-    self.specials = {s: 256 + i for i, s in enumerate(st.ALL)}
-    self.by_id = {i: s for s, i in self.specials.items()}
-
-  def encode(self, text):
-    return list(text.encode("utf-8"))
-
-  def token_id(self, special):
-    return self.specials[special]
-
-  def decode(self, ids):
-    out, buf = [], bytearray()
-    for i in map(int, ids):
-      if i in self.by_id:
-        out += [buf.decode(), self.by_id[i]]; buf = bytearray()
-      else:
-        buf.append(i)
-    return "".join(out + [buf.decode()])
 
 
 def test_layouts_are_exact():

@@ -13,27 +13,7 @@ from hypothesis import given, settings, strategies as hst
 
 from kat_jax.data import chat, procedural as P, special_tokens as st
 from kat_jax.data.procedural.generate import make_task
-
-
-class ByteTokenizer:
-  def __init__(self):
-    self.specials = {s: 256 + i for i, s in enumerate(st.ALL)}
-    self.by_id = {i: s for s, i in self.specials.items()}
-
-  def encode(self, text):
-    return list(text.encode("utf-8"))
-
-  def token_id(self, special):
-    return self.specials[special]
-
-  def decode(self, ids):
-    out, buf = [], bytearray()
-    for i in map(int, ids):
-      if i in self.by_id:
-        out += [buf.decode(), self.by_id[i]]; buf = bytearray()
-      else:
-        buf.append(i)
-    return "".join(out + [buf.decode()])
+from byte_tokenizer import ByteTokenizer
 
 
 def exec_passes(program: str) -> bool:
