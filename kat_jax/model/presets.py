@@ -37,6 +37,11 @@ class ModelConfig:
   remat: str = "none"            # none | full | dots (save matmul outputs) | dots_no_batch
   attention_impl: str = "xla"    # see kat_jax.model.attention
   value_head: bool = False       # scalar head over final hidden states (PPO critic)
+  # Tokens per slice of the sequence for the token-wise MLP and output head (0 = the whole
+  # sequence at once). Exact (same math, separate matmuls per slice). On CPU, slices of a few
+  # hundred tokens keep each matmul's operands in cache (docs/PERFORMANCE.md, bench_tree); on
+  # accelerators leave it at 0.
+  token_chunk: int = 0
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "ModelConfig":
@@ -67,6 +72,9 @@ class ModelConfig:
     if self.rope_scaling not in ("", "llama3"):
       raise config_lib.ConfigError(
           f"config.model.rope_scaling={self.rope_scaling!r}: use '' (none) or 'llama3'")
+    if self.token_chunk < 0:
+      raise config_lib.ConfigError(
+          f"config.model.token_chunk={self.token_chunk} must be >= 0 (0 = no slicing)")
     if self.remat not in ("none", "full", "dots", "dots_no_batch"):
       raise config_lib.ConfigError(
           f"config.model.remat={self.remat!r}: use one of none, full, dots, dots_no_batch")

@@ -153,6 +153,15 @@ class Attention(nn.Module):
     return y, new_cache
 
 
+def token_slices(fn, x_btd, chunk: int):
+  """``fn`` (token-wise) applied to slices of ``chunk`` tokens along the sequence axis, concatenated:
+  the same result as ``fn(x_btd)``, as separate smaller matmuls (``ModelConfig.token_chunk``)."""
+  t = x_btd.shape[1]
+  if not chunk or t <= chunk:
+    return fn(x_btd)
+  return jnp.concatenate([fn(x_btd[:, s:s + chunk]) for s in range(0, t, chunk)], axis=1)
+
+
 class Mlp(nn.Module):
   cfg: ModelConfig
   mesh: Optional[Mesh] = None
@@ -164,10 +173,14 @@ class Mlp(nn.Module):
     wg = _param(self, "gate_proj", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), cfg)
     wu = _param(self, "up_proj", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), cfg)
     wd = _param(self, "down_proj", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), cfg)
-    hidden = nn.silu(x @ wg.astype(dtype)) * (x @ wu.astype(dtype))
-    hidden = sharding_lib.constrain(hidden, ("act_batch", "act_length", "act_mlp"), self.mesh,
-                                    self.rules)
-    return hidden @ wd.astype(dtype)
+
+    def mlp(x):
+      hidden = nn.silu(x @ wg.astype(dtype)) * (x @ wu.astype(dtype))
+      hidden = sharding_lib.constrain(hidden, ("act_batch", "act_length", "act_mlp"), self.mesh,
+                                      self.rules)
+      return hidden @ wd.astype(dtype)
+
+    return token_slices(mlp, x, cfg.token_chunk)
 
 
 class Block(nn.Module):
@@ -228,12 +241,13 @@ class Transformer(nn.Module):
 
     hidden = RMSNorm(cfg, cfg.d_model, name="final_norm")(x)
     if cfg.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", hidden, embedding.astype(dtype),
-                          preferred_element_type=jnp.float32)
+      head = lambda h: jnp.einsum("btd,vd->btv", h, embedding.astype(dtype),
+                                  preferred_element_type=jnp.float32)
     else:
-      head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
-      logits = jnp.einsum("btd,dv->btv", hidden, head.astype(dtype),
-                          preferred_element_type=jnp.float32)
+      w = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+      head = lambda h: jnp.einsum("btd,dv->btv", h, w.astype(dtype),
+                                  preferred_element_type=jnp.float32)
+    logits = token_slices(head, hidden, cfg.token_chunk)
     logits = sharding_lib.constrain(logits, ("act_batch", "act_length", "act_vocab"), self.mesh,
                                     self.rules)
     values = None

@@ -110,3 +110,36 @@ def test_bfloat16_compute_and_remat_match_float32():
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
   bf_v = loss(_tiny(dtype="bfloat16"), params)
   np.testing.assert_allclose(bf_v, ref_v, rtol=3e-2)
+
+
+@pytest.mark.parametrize("chunk", [5, 8, 64])
+def test_token_chunk_slices_give_the_same_logits_values_and_gradients(chunk):
+  # T = 16: chunk 5 leaves a ragged last slice (5+5+5+1), 8 divides it, 64 >= T is no slicing.
+  base = _tiny(value_head=True, tie_embeddings=False)
+  sliced = _tiny(value_head=True, tie_embeddings=False, token_chunk=chunk)
+  rng = np.random.default_rng(5)
+  tokens = jnp.asarray(rng.integers(0, base.vocab_size, (2, 16)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
+  mask = intervals_from_segment_ids(jnp.asarray(np.repeat([[1] * 9 + [2] * 7], 2, 0)))
+  params = nn.unbox(Transformer(base).init(jax.random.key(0), tokens, pos, mask)["params"])
+  params["value_head"] = jnp.asarray(rng.normal(size=params["value_head"].shape), jnp.float32)
+
+  def loss(cfg, p):
+    out = Transformer(cfg).apply({"params": p}, tokens, pos, mask)
+    return jnp.mean(jax.nn.logsumexp(out.logits, -1) - out.logits[..., 3]) + jnp.mean(out.values)
+
+  ref = Transformer(base).apply({"params": params}, tokens, pos, mask)
+  out = Transformer(sliced).apply({"params": params}, tokens, pos, mask)
+  np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out.values, ref.values, rtol=1e-5, atol=1e-6)
+  ref_v, ref_g = jax.value_and_grad(lambda p: loss(base, p))(params)
+  v, g = jax.value_and_grad(lambda p: loss(sliced, p))(params)
+  np.testing.assert_allclose(v, ref_v, rtol=1e-6)
+  for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_negative_token_chunk_is_rejected_naming_the_field():
+  from kat_jax import config as config_lib
+  with pytest.raises(config_lib.ConfigError, match=r"config.model.token_chunk=-1 must be >= 0"):
+    _tiny(token_chunk=-1)
