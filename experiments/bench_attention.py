@@ -18,7 +18,16 @@ baseline there). Each case prints one JSON object with the fastest (``seconds``)
 pairs visited and the fraction of visible (query, key) pairs. The fastest run is the headline
 figure because this machine's cores are shared: the median mostly measures the neighbours.
 
-Pallas kernels are not timed here: on CPU they run in interpret mode (a correctness tool).
+Two more implementations are meant for accelerators (``--impls=...,pallas,flash``):
+
+* ``pallas``  the Pallas kernel of the backend (``kernels.tree_attention.pallas``: Triton on GPU,
+              Mosaic on TPU); refused on CPU, where it only interprets (a correctness tool);
+* ``flash``   ``jax.nn.dot_product_attention(is_causal=True)`` — the platform's causal flash
+              attention (cuDNN on GPU in bfloat16), timed on the ``flat_same_tokens`` case only: a
+              causal kernel over the same token count, the yardstick for the tree kernel.
+
+On a GPU: ``python -m experiments.bench_attention --impls=xla,blocksparse,pallas,flash
+--dtype=bfloat16``.
 """
 from __future__ import annotations
 
@@ -32,7 +41,7 @@ import numpy as np
 from absl import app, flags
 
 from kat_jax.model.attention import AttentionMask, dense_attention, intervals_from_segment_ids
-from kernels.tree_attention import blocksparse, layout, reference, synthetic
+from kernels.tree_attention import blocksparse, layout, pallas, reference, synthetic
 from kernels.tree_attention.layout import BlockSizes
 
 FLAGS = flags.FLAGS
@@ -45,7 +54,9 @@ flags.DEFINE_integer("head_dim", 64, "head dimension")
 flags.DEFINE_integer("block", 64, "block size (queries and keys)")
 flags.DEFINE_integer("chunk_width", layout.DEFAULT_CHUNK_WIDTH, "key blocks per chunk")
 flags.DEFINE_integer("repeats", 5, "timed runs per case (after one warm-up)")
-flags.DEFINE_list("impls", ["xla", "reference", "blocksparse"], "implementations to time")
+flags.DEFINE_list("impls", ["xla", "reference", "blocksparse"],
+                  "implementations to time: xla, reference, blocksparse, pallas, flash")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of q, k, v")
 flags.DEFINE_integer("max_dense_tokens", 4096, "skip the dense xla path above this many tokens")
 flags.DEFINE_integer("seed", 0, "tree seed")
 
@@ -86,9 +97,10 @@ def _fwd_bwd(attention):
 def run_case(name, tin, tout, meta, block_sizes):
   b, t = tin.shape
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
-  q = jax.random.normal(keys[0], (b, t, FLAGS.heads, FLAGS.head_dim), jnp.float32)
-  k = jax.random.normal(keys[1], (b, t, FLAGS.kv_heads, FLAGS.head_dim), jnp.float32)
-  v = jax.random.normal(keys[2], (b, t, FLAGS.kv_heads, FLAGS.head_dim), jnp.float32)
+  dtype = jnp.dtype(FLAGS.dtype)
+  q = jax.random.normal(keys[0], (b, t, FLAGS.heads, FLAGS.head_dim), dtype)
+  k = jax.random.normal(keys[1], (b, t, FLAGS.kv_heads, FLAGS.head_dim), dtype)
+  v = jax.random.normal(keys[2], (b, t, FLAGS.kv_heads, FLAGS.head_dim), dtype)
   w = jax.random.normal(keys[3], q.shape, jnp.float32)
   blocks = layout.block_layout(tin, tout, block_sizes.block_q, block_sizes.block_k,
                                chunk_width=FLAGS.chunk_width)
@@ -96,6 +108,7 @@ def run_case(name, tin, tout, meta, block_sizes):
       (tin[:, None, :] <= tin[:, :, None]) & (tin[:, :, None] < tout[:, None, :])).sum()
   record = dict(case=name, **meta, batch=b, tokens_per_row=t, heads=FLAGS.heads,
                 kv_heads=FLAGS.kv_heads, head_dim=FLAGS.head_dim, block=FLAGS.block,
+                dtype=FLAGS.dtype,
                 chunk_width=FLAGS.chunk_width,
                 visited_block_fraction=round(layout.visited_fraction(blocks), 4),
                 visible_pair_fraction=round(float(visible) / (b * t * t), 4),
@@ -108,12 +121,18 @@ def run_case(name, tin, tout, meta, block_sizes):
                     mask_plain),
       "blocksparse": (lambda *a: blocksparse.tree_attention(*a, block_sizes=block_sizes),
                       mask_blocks),
+      "pallas": (lambda *a: pallas.tree_attention(*a, block_sizes=block_sizes), mask_blocks),
+      # Causal attention over the same tokens, ignoring the mask argument (flat_same_tokens only).
+      "flash": (lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+                mask_plain),
   }
   fns, args = {}, {}
   for impl in FLAGS.impls:
     if impl == "xla" and t > FLAGS.max_dense_tokens:
       continue
-    if name == "flat_trajectories" and impl != "blocksparse":
+    if name == "flat_trajectories" and impl not in ("blocksparse", "pallas"):
+      continue
+    if impl == "flash" and name != "flat_same_tokens":
       continue
     fn, mask = impls[impl]
     fns[impl], args[impl] = _fwd_bwd(fn), (q, k, v, mask, w)
@@ -126,6 +145,13 @@ def run_case(name, tin, tout, meta, block_sizes):
 
 def main(argv):
   del argv
+  unknown = set(FLAGS.impls) - {"xla", "reference", "blocksparse", "pallas", "flash"}
+  if unknown:
+    raise app.UsageError(f"--impls has unknown implementation(s) {sorted(unknown)}: choose among "
+                         f"xla, reference, blocksparse, pallas, flash")
+  if "pallas" in FLAGS.impls and jax.default_backend() == "cpu":
+    raise app.UsageError("--impls=pallas needs a GPU or TPU: on CPU the Pallas kernels only run "
+                         "in interpret mode (a correctness tool, not a timing); drop 'pallas'")
   block_sizes = BlockSizes(FLAGS.block, FLAGS.block)
   rng = np.random.default_rng(FLAGS.seed)
   for size in map(int, FLAGS.sizes):
