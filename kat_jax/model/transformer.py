@@ -51,8 +51,8 @@ class KVCache:
 
 @flax.struct.dataclass
 class ModelOutput:
-  logits: jax.Array                      # [B, T, V] float32
-  values: Optional[jax.Array] = None     # [B, T] float32 (value head)
+  logits: jax.Array                      # [B, T, V] float32 ([B, N, V] with ``logits_at``)
+  values: Optional[jax.Array] = None     # [B, T] float32 (value head; [B, N] with ``logits_at``)
   hidden: Optional[jax.Array] = None     # [B, T, d] final normed hidden states
   kv_cache: Optional[KVCache] = None
 
@@ -213,7 +213,11 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_bt, positions_bt, mask: attention_lib.AttentionMask,
-               kv_cache: Optional[KVCache] = None, return_hidden: bool = False) -> ModelOutput:
+               kv_cache: Optional[KVCache] = None, return_hidden: bool = False,
+               logits_at: Optional[jax.Array] = None) -> ModelOutput:
+    """Forward pass. ``logits_at`` (int32 [B, N], optional): sequence positions at which to compute
+    the output head (logits and values, [B, N, ...]) instead of at every position — a prefill needs
+    only each prompt's last position, and [B, P, V] logits are large for a 152k vocabulary."""
     cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
     embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg,
                        nn.initializers.normal(stddev=cfg.d_model ** -0.5))
@@ -240,21 +244,24 @@ class Transformer(nn.Module):
         cache_k, cache_v = c
 
     hidden = RMSNorm(cfg, cfg.d_model, name="final_norm")(x)
+    head_in = hidden
+    if logits_at is not None:
+      head_in = jnp.take_along_axis(hidden, logits_at[..., None].astype(jnp.int32), axis=1)
     if cfg.tie_embeddings:
       head = lambda h: jnp.einsum("btd,vd->btv", h, embedding.astype(dtype),
                                   preferred_element_type=jnp.float32)
     else:
-      w = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
-      head = lambda h: jnp.einsum("btd,dv->btv", h, w.astype(dtype),
+      lm_head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+      head = lambda h: jnp.einsum("btd,dv->btv", h, lm_head.astype(dtype),
                                   preferred_element_type=jnp.float32)
-    logits = token_slices(head, hidden, cfg.token_chunk)
+    logits = token_slices(head, head_in, cfg.token_chunk)
     logits = sharding_lib.constrain(logits, ("act_batch", "act_length", "act_vocab"), self.mesh,
                                     self.rules)
     values = None
     if cfg.value_head:
       w = _param(self, "value_head", (cfg.d_model, 1), ("embed", None), cfg,
                  nn.initializers.zeros)
-      values = jnp.einsum("btd,do->bto", hidden.astype(jnp.float32), w.astype(jnp.float32))[..., 0]
+      values = jnp.einsum("btd,do->bto", head_in.astype(jnp.float32), w.astype(jnp.float32))[..., 0]
     new_cache = None
     if kv_cache is not None:
       new_cache = KVCache(k=cache_k, v=cache_v, tin=cache_tin, tout=cache_tout)

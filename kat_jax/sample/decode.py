@@ -114,10 +114,11 @@ def prefill(model: nn.Module, params: Any, prompt_tokens_bp: jax.Array,
     kv_names = (None, "act_batch", None, "act_kv_heads", None)
     cache = cache.replace(k=sharding_lib.constrain(cache.k, kv_names, mesh, rules),
                           v=sharding_lib.constrain(cache.v, kv_names, mesh, rules))
-  out = model.apply({"params": params}, prompt_tokens_bp.astype(jnp.int32), positions_bp, mask,
-                    kv_cache=cache)
   last_b = jnp.clip(prompt_lengths_b - 1, 0, p - 1)
-  next_logits_bv = jnp.take_along_axis(out.logits, last_b[:, None, None], axis=1)[:, 0]
+  # The output head runs at each prompt's last position only ([B, 1, V], not [B, P, V]).
+  out = model.apply({"params": params}, prompt_tokens_bp.astype(jnp.int32), positions_bp, mask,
+                    kv_cache=cache, logits_at=last_b[:, None])
+  next_logits_bv = out.logits[:, 0]
   zeros_bn = jnp.zeros((b, max_new_tokens), jnp.float32)
   state = DecodeState(
       cache=out.kv_cache, next_logits_bv=next_logits_bv,

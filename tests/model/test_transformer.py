@@ -143,3 +143,23 @@ def test_negative_token_chunk_is_rejected_naming_the_field():
   from kat_jax import config as config_lib
   with pytest.raises(config_lib.ConfigError, match=r"config.model.token_chunk=-1 must be >= 0"):
     _tiny(token_chunk=-1)
+
+
+def test_logits_at_selects_positions_of_the_full_output():
+  cfg = _tiny(value_head=True, token_chunk=4)
+  model = Transformer(cfg)
+  rng = np.random.default_rng(6)
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (3, 11)), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(11, dtype=jnp.int32), (3, 11))
+  mask = intervals_from_segment_ids(jnp.ones((3, 11), jnp.int32))
+  params = nn.unbox(model.init(jax.random.key(0), tokens, pos, mask)["params"])
+  params["value_head"] = jnp.asarray(rng.normal(size=params["value_head"].shape), jnp.float32)
+  full = model.apply({"params": params}, tokens, pos, mask)
+  at = jnp.asarray([[10, 0], [3, 3], [7, 9]], jnp.int32)
+  out = model.apply({"params": params}, tokens, pos, mask, logits_at=at)
+  assert out.logits.shape == (3, 2, cfg.vocab_size) and out.values.shape == (3, 2)
+  rows = np.arange(3)[:, None]
+  np.testing.assert_allclose(out.logits, np.asarray(full.logits)[rows, np.asarray(at)],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out.values, np.asarray(full.values)[rows, np.asarray(at)],
+                             rtol=1e-5, atol=1e-6)
