@@ -212,3 +212,22 @@ def test_sharded_mesh_equals_single_device(setup):
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4)
     np.testing.assert_allclose(out.entropies, ref.entropies, atol=1e-4)
     assert out.finish_reason == ref.finish_reason
+
+
+def test_prefill_never_materializes_logits_at_every_prompt_position():
+  # A Qwen-sized vocabulary: [B, P, V] float32 logits would be 2 x 512 x 151936 x 4 B = 594 MiB.
+  from kat_jax.sample import decode
+  c = get_preset("tiny")
+  c.vocab_size = 151936
+  model = Transformer(ModelConfig.from_config(c))
+  b, p = 2, 512
+  tokens = jnp.zeros((b, p), jnp.int32)
+  params = jax.eval_shape(lambda: nn.unbox(model.init(
+      jax.random.key(0), tokens[:, :4], tokens[:, :4],
+      intervals_from_segment_ids(jnp.ones((1, 4), jnp.int32)))["params"]))
+  fn = jax.jit(lambda prm, toks, lens, keys, act: decode.prefill(
+      model, prm, toks, lens, keys, act, max_len=p + 8, max_new_tokens=8))
+  compiled = fn.lower(params, tokens, jnp.full((b,), p, jnp.int32), jax.random.split(
+      jax.random.key(0), b), jnp.ones((b,), bool)).compile()
+  all_positions = b * p * c.vocab_size * 4
+  assert compiled.memory_analysis().temp_size_in_bytes < all_positions / 4
