@@ -1,4 +1,5 @@
-"""experiments.eval: the scoring path gives 1.0 on known-correct completions and 0 on wrong ones
+"""Evaluation scoring (kat_jax.eval.scoring) and the experiments.eval CLI: the scoring path gives
+1.0 on known-correct completions and 0 on wrong ones
 (HumanEval canonical solutions, procedural reference solutions, through the sandbox), and the CLI
 end to end on a tiny checkpoint writes a pass@k table consistent with its per-sample verdicts."""
 import json
@@ -11,7 +12,7 @@ import pytest
 
 from experiments import eval as eval_cli
 from kat_jax.data import procedural
-from kat_jax.eval import humaneval
+from kat_jax.eval import humaneval, scoring
 from kat_jax.eval.pass_at_k import pass_at_k
 from kat_jax.sandbox import SandboxPool
 
@@ -19,14 +20,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_extract_code_and_humaneval_cut():
-  assert eval_cli.extract_code("Here:\n```python\ndef f():\n  return 1\n```\nok") == \
+  assert scoring.extract_code("Here:\n```python\ndef f():\n  return 1\n```\nok") == \
       "def f():\n  return 1\n"
-  assert eval_cli.extract_code("def f():\n  return 1\n<|im_end|>junk") == "def f():\n  return 1\n"
-  assert eval_cli.extract_code("```\nx = 1\n") == "x = 1\n"       # unclosed fence
+  assert scoring.extract_code("def f():\n  return 1\n<|im_end|>junk") == "def f():\n  return 1\n"
+  assert scoring.extract_code("```\nx = 1\n") == "x = 1\n"       # unclosed fence
   body = "    return a + b\n"
-  assert eval_cli.humaneval_completion(body + "\n\ndef other():\n  pass") == body + "\n"
-  assert eval_cli.humaneval_completion(body + "<|endoftext|>\nprint(1)") == body
-  assert eval_cli.humaneval_completion(body) == body
+  assert scoring.humaneval_completion(body + "\n\ndef other():\n  pass") == body + "\n"
+  assert scoring.humaneval_completion(body + "<|endoftext|>\nprint(1)") == body
+  assert scoring.humaneval_completion(body) == body
 
 
 def test_find_tokenizer_dir(tmp_path):
@@ -61,15 +62,15 @@ def test_known_correct_completions_score_one_and_wrong_ones_zero():
   ids = list(problems)[:3]
   tasks = procedural.generate_tasks(seed=0, num_tasks=4, split="heldout", levels=(0,))
   with SandboxPool(num_workers=2) as pool:
-    right = eval_cli.score_humaneval({i: [problems[i].canonical_solution] * 2 for i in ids},
+    right = scoring.score_humaneval({i: [problems[i].canonical_solution] * 2 for i in ids},
                                      (1, 2), pool, problems)
-    mixed = eval_cli.score_humaneval(
+    mixed = scoring.score_humaneval(
         {i: [problems[i].canonical_solution, "    pass\n", "    return None\n"] for i in ids},
         (1, 2, 3), pool, problems)
     fenced = {t.task_id: [f"Sure:\n```python\n{t.solution}```\n<|im_end|>", t.solution]
               for t in tasks}
-    proc_right = eval_cli.score_procedural(tasks, fenced, (1, 2), pool)
-    proc_wrong = eval_cli.score_procedural(
+    proc_right = scoring.score_procedural(tasks, fenced, (1, 2), pool)
+    proc_wrong = scoring.score_procedural(
         tasks, {t.task_id: [t.solution.replace("return", "return None and"),
                             "def unrelated():\n  return 0\n"] for t in tasks}, (1,), pool)
   assert right.pass_at_k == {"pass@1": 1.0, "pass@2": 1.0}
