@@ -7,18 +7,21 @@ Trajectory sets: a long shared prompt, then branching multi-turn continuations (
 branch, optionally forking again into second turns), sized for POR ≈ 0.5, 0.75 and 0.875.
 The flat baseline is the strongest fair one: every trajectory its own row of a [K, L] batch, the
 `tree` loss (identical code) over singleton trees, attention that skips key blocks above the causal
-diagonal (the same block-sparse implementation, fed flat intervals), and its best batching: the K rows
-are run as micro-batches of r rows for every r in --flat_rows (a power of two ≤ K; gradients summed),
-and the fastest total is the baseline. Both sides also try every ``--token_chunks`` value
-(``config.model.token_chunk``: the MLP and output head run on slices of that many tokens; exact) and
-keep their fastest. Neither side is padded beyond its longest row. Each variant is timed in a round-robin sweep (``--sweep_rounds``); the fastest flat and tree variants then alternate for ``--repeats`` rounds (fastest kept, and
-the median of the per-round ratios beside it), so that drifts in the machine's load hit both alike.
+diagonal (the same block-sparse implementation, fed flat intervals), and its best batching: the K
+rows are run as micro-batches of r rows for every r in --flat_rows that divides K (gradients
+summed), and the fastest total is the baseline. Both sides also try every ``--token_chunks`` value
+(``config.model.token_chunk``: the MLP and output head run on slices of that many tokens; exact)
+and keep their fastest. Neither side is padded beyond its longest row. Each variant is timed in a
+round-robin sweep (``--sweep_rounds``); the fastest flat and tree variants then alternate for
+``--repeats`` rounds (fastest kept, and the median of the per-round ratios beside it), so that
+drifts in the machine's load hit both alike.
 
 One JSON object per case: por, bound (= 1/(1-POR)), flat_s, tree_s, speedup, efficiency
-(= speedup / bound), attention_impl, plus the token counts, the visited-block fraction of both
-layouts, every variant's time, and ``work_bound``: the flat/tree ratio of model FLOPs counted
-exactly (6·params per token + 12·layers·heads·head_dim per visible (query, key) pair, the MaxText
-count), which is below ``bound`` because a shared prefix token sees fewer keys than an average one.
+(= speedup / bound), median_speedup, median_efficiency, attention_impl, plus the token counts, the
+visited-block fraction of both layouts, every variant's sweep time, and ``work_bound``: the
+flat/tree ratio of model FLOPs counted exactly (6·params per token + 12·layers·heads·head_dim per
+visible (query, key) pair, the MaxText count), which is below ``bound`` because a shared prefix
+token sees fewer keys than an average one.
 """
 import json
 import time
@@ -28,11 +31,12 @@ from absl import app, flags
 
 _PRESET = flags.DEFINE_string("preset", "small", "Model preset.")
 _ATTN = flags.DEFINE_string("attention_impl", "blocksparse", "config.model.attention_impl")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Rounds of the two winners, alternating (fastest kept).")
+_REPEATS = flags.DEFINE_integer("repeats", 5,
+                                "Rounds of the two winners, alternating (fastest kept).")
 _SWEEP_ROUNDS = flags.DEFINE_integer("sweep_rounds", 2, "Round-robin rounds of the variant sweep.")
 _CASES = flags.DEFINE_string("cases", "0.5,0.75,0.875", "Comma-separated POR targets.")
-_FLAT_ROWS = flags.DEFINE_string("flat_rows", "1,2,4,8",
-                                 "Flat micro-batch sizes (rows) to try; the fastest is the baseline.")
+_FLAT_ROWS = flags.DEFINE_string(
+    "flat_rows", "1,2,4,8", "Flat micro-batch sizes (rows) to try; the fastest is the baseline.")
 _TOKEN_CHUNKS = flags.DEFINE_string(
     "token_chunks", "0,256,384",
     "config.model.token_chunk values to try (both sides keep their fastest); 0 = no slicing.")

@@ -34,7 +34,8 @@ def test_bench_tree_reports_consistent_figures():
   tree = 768 * per_token + (256 * 257 // 2 + 4 * (128 * 256 + 128 * 129 // 2)) * per_pair
   assert r["work_bound"] == pytest.approx(flat / tree, rel=1e-12)
   assert 1.0 < r["work_bound"] < r["bound"]
-  assert f'{r["flat_best_rows"]}/{r["flat_best_token_chunk"]}' in r["sweep_flat_s_by_rows_and_chunk"]
+  best = f'{r["flat_best_rows"]}/{r["flat_best_token_chunk"]}'
+  assert best in r["sweep_flat_s_by_rows_and_chunk"]
   assert set(r["sweep_flat_s_by_rows_and_chunk"]) == {"1/0", "1/128", "4/0", "4/128"}
   assert set(r["sweep_tree_s_by_chunk"]) == {"0", "128"}
   assert r["tree_best_token_chunk"] in (0, 128)

@@ -215,9 +215,10 @@ class Transformer(nn.Module):
   def __call__(self, tokens_bt, positions_bt, mask: attention_lib.AttentionMask,
                kv_cache: Optional[KVCache] = None, return_hidden: bool = False,
                logits_at: Optional[jax.Array] = None) -> ModelOutput:
-    """Forward pass. ``logits_at`` (int32 [B, N], optional): sequence positions at which to compute
-    the output head (logits and values, [B, N, ...]) instead of at every position — a prefill needs
-    only each prompt's last position, and [B, P, V] logits are large for a 152k vocabulary."""
+    """Forward pass. ``logits_at`` (int32 [B, N], optional): sequence positions at which to
+    compute the output head (logits and values, [B, N, ...]) instead of at every position — a
+    prefill needs only each prompt's last position, and [B, P, V] logits are large for a 152k
+    vocabulary."""
     cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
     embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg,
                        nn.initializers.normal(stddev=cfg.d_model ** -0.5))
