@@ -44,6 +44,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   for field in ("steps", "seq_len", "log_every", "checkpoint_every"):
     if train.get(field, 1) <= 0:
       raise ConfigError(f"config.train.{field}={train.get(field)} must be positive")
+  if train.get("logits_chunk", 0) < 0:
+    raise ConfigError(f"config.train.logits_chunk={train.logits_chunk} must be >= 0 "
+                      f"(0 = the whole [T, V] logits at once)")
   if not 0.0 <= train.get("warmup_steps", 0) <= train.steps:
     raise ConfigError(f"config.train.warmup_steps={train.warmup_steps} must be in [0, "
                       f"config.train.steps={train.steps}]")

@@ -25,6 +25,8 @@ def _cfg():
     (lambda c: setattr(c.model, "dtype", "float16"), 8, "config.model.dtype='float16'"),
     (lambda c: setattr(c.model, "d_model", 0), 8, "config.model.d_model=0 must be positive"),
     (lambda c: setattr(c.train, "warmup_steps", 10**6), 8, "config.train.warmup_steps=1000000"),
+    (lambda c: setattr(c.train, "logits_chunk", -4), 8, "config.train.logits_chunk=-4 must be"),
+    (lambda c: setattr(c.model, "token_chunk", -1), 8, "config.model.token_chunk=-1 must be"),
 ])
 def test_validation_names_the_field(mutate, num_devices, needle):
   c = _cfg()

@@ -51,7 +51,7 @@ class KVCache:
 
 @flax.struct.dataclass
 class ModelOutput:
-  logits: jax.Array                      # [B, T, V] float32 ([B, N, V] with ``logits_at``)
+  logits: Optional[jax.Array]            # [B, T, V] float32 ([B, N, V] with ``logits_at``)
   values: Optional[jax.Array] = None     # [B, T] float32 (value head; [B, N] with ``logits_at``)
   hidden: Optional[jax.Array] = None     # [B, T, d] final normed hidden states
   kv_cache: Optional[KVCache] = None
@@ -153,6 +153,16 @@ class Attention(nn.Module):
     return y, new_cache
 
 
+def _head_logits(hidden_btd, params, cfg: ModelConfig):
+  """float32 logits of the output head (tied embedding or ``lm_head``) from unboxed params."""
+  dtype = _DTYPES[cfg.dtype]
+  if cfg.tie_embeddings:
+    return jnp.einsum("btd,vd->btv", hidden_btd, params["embedding"].astype(dtype),
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum("btd,dv->btv", hidden_btd, params["lm_head"].astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
 def token_slices(fn, x_btd, chunk: int):
   """``fn`` (token-wise) applied to slices of ``chunk`` tokens along the sequence axis, concatenated:
   the same result as ``fn(x_btd)``, as separate smaller matmuls (``ModelConfig.token_chunk``)."""
@@ -214,11 +224,13 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_bt, positions_bt, mask: attention_lib.AttentionMask,
                kv_cache: Optional[KVCache] = None, return_hidden: bool = False,
-               logits_at: Optional[jax.Array] = None) -> ModelOutput:
+               logits_at: Optional[jax.Array] = None,
+               compute_logits: bool = True) -> ModelOutput:
     """Forward pass. ``logits_at`` (int32 [B, N], optional): sequence positions at which to
     compute the output head (logits and values, [B, N, ...]) instead of at every position — a
     prefill needs only each prompt's last position, and [B, P, V] logits are large for a 152k
-    vocabulary."""
+    vocabulary. ``compute_logits=False`` skips the head (logits None; use with
+    ``return_hidden`` and ``output_head`` to apply it chunk by chunk)."""
     cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
     embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg,
                        nn.initializers.normal(stddev=cfg.d_model ** -0.5))
@@ -248,16 +260,15 @@ class Transformer(nn.Module):
     head_in = hidden
     if logits_at is not None:
       head_in = jnp.take_along_axis(hidden, logits_at[..., None].astype(jnp.int32), axis=1)
-    if cfg.tie_embeddings:
-      head = lambda h: jnp.einsum("btd,vd->btv", h, embedding.astype(dtype),
-                                  preferred_element_type=jnp.float32)
-    else:
-      lm_head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
-      head = lambda h: jnp.einsum("btd,dv->btv", h, lm_head.astype(dtype),
-                                  preferred_element_type=jnp.float32)
-    logits = token_slices(head, head_in, cfg.token_chunk)
-    logits = sharding_lib.constrain(logits, ("act_batch", "act_length", "act_vocab"), self.mesh,
-                                    self.rules)
+    head_params = {"embedding": embedding}
+    if not cfg.tie_embeddings:
+      head_params["lm_head"] = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size),
+                                      ("embed", "vocab"), cfg)
+    logits = None
+    if compute_logits:
+      logits = token_slices(lambda h: _head_logits(h, head_params, cfg), head_in, cfg.token_chunk)
+      logits = sharding_lib.constrain(logits, ("act_batch", "act_length", "act_vocab"), self.mesh,
+                                      self.rules).astype(jnp.float32)
     values = None
     if cfg.value_head:
       w = _param(self, "value_head", (cfg.d_model, 1), ("embed", None), cfg,
@@ -266,5 +277,23 @@ class Transformer(nn.Module):
     new_cache = None
     if kv_cache is not None:
       new_cache = KVCache(k=cache_k, v=cache_v, tin=cache_tin, tout=cache_tout)
-    return ModelOutput(logits=logits.astype(jnp.float32), values=values,
+    return ModelOutput(logits=logits, values=values,
                        hidden=hidden if return_hidden else None, kv_cache=new_cache)
+
+  def output_head(self, hidden_btd: jax.Array, labels_bt: Optional[jax.Array] = None) -> jax.Array:
+    """The output head alone, on final hidden states (``hidden``): float32 logits [B, T, V], or
+    with ``labels_bt`` only each row's logit of its label, [B, T] (the head's weight row of the
+    label dotted with the hidden state: no [B, T, V]).
+
+    ``model.apply(variables, hidden, method="output_head")``: with ``compute_logits=False`` this
+    lets a loss apply the head to a few rows at a time (``kat_jax.tree.logprobs``)."""
+    params = nn.unbox(self.variables["params"])
+    if labels_bt is None:
+      return _head_logits(hidden_btd, params, self.cfg)
+    dtype = _DTYPES[self.cfg.dtype]
+    if self.cfg.tie_embeddings:
+      w = jnp.take(params["embedding"], labels_bt, axis=0)              # [B, T, d]
+    else:
+      w = jnp.moveaxis(jnp.take(params["lm_head"], labels_bt, axis=1), 0, -1)
+    return jnp.einsum("btd,btd->bt", hidden_btd.astype(dtype), w.astype(dtype),
+                      preferred_element_type=jnp.float32)

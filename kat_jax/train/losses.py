@@ -151,7 +151,8 @@ def _tree_numerator(params, batch, ctx: LossContext, normalizer: str):
   from kat_jax.tree.logprobs import tree_logprobs
   cfg = ctx.config
   out = tree_logprobs(ctx.apply_fn, params, batch,
-                      return_values=cfg.get("value_coef", 0.0) > 0)
+                      return_values=cfg.get("value_coef", 0.0) > 0,
+                      logits_chunk=cfg.get("logits_chunk", 0))
   w = pair_weights(batch)
   loss, terms = policy_pair_loss(out["logp"], batch, cfg)
   num, _ = reduce_pairs(loss, w, normalizer)

@@ -53,7 +53,8 @@ def loss_and_grads(params, batch, loss: Loss, ctx: LossContext, accum: int = 1):
   return value, metrics, denom, grads
 
 
-def token_entropies(apply_fn: Callable, params, batch: dict) -> jax.Array:
+def token_entropies(apply_fn: Callable, params, batch: dict,
+                    logits_chunk: int = 0) -> jax.Array:
   """Per tree token, the entropy of the distribution it was sampled from [B, T].
 
   Taken from the rollout when the batch carries it (per-trajectory field ``entropy``, scattered to
@@ -65,7 +66,8 @@ def token_entropies(apply_fn: Callable, params, batch: dict) -> jax.Array:
     values = jnp.where(batch["row_valid"], batch["field/entropy"], 0.0)
     return jnp.zeros(batch["tokens"].shape, jnp.float32).at[b, batch["row_map"]].max(values)
   from kat_jax.tree.logprobs import tree_logprobs
-  row_entropy = jax.lax.stop_gradient(tree_logprobs(apply_fn, params, batch)["row_entropy"])
+  row_entropy = jax.lax.stop_gradient(
+      tree_logprobs(apply_fn, params, batch, logits_chunk=logits_chunk)["row_entropy"])
   parent = batch["parent"]
   ent = jnp.take_along_axis(row_entropy, jnp.maximum(parent, 0), axis=1)
   return jnp.where((parent >= 0) & batch["token_valid"], ent, 0.0)
@@ -78,7 +80,8 @@ def maybe_prune(apply_fn: Callable, params, batch: dict, train_cfg) -> tuple[dic
   if prune_cfg is None or not prune_cfg.enabled or "tin" not in batch:
     return batch, {}
   from kat_jax.tree.prune import prune_tree_batch
-  keep, m = prune_tree_batch(batch, token_entropies(apply_fn, params, batch), prune_cfg)
+  entropies = token_entropies(apply_fn, params, batch, train_cfg.get("logits_chunk", 0))
+  keep, m = prune_tree_batch(batch, entropies, prune_cfg)
   metrics = {f"prune/{k}": jnp.mean(jnp.asarray(m[k], jnp.float32))
              for k in ("kept_fraction", "kept_entropy_fraction", "kept_trajectories",
                        "kept_tokens", "mandatory_exceeds_budget")}

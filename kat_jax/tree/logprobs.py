@@ -8,6 +8,13 @@ give it after the usual shift; autodiff through the gather sums the contribution
 
 ``pairs_from_flat`` builds the same arrays from a flat batch (the degenerate tree), so one loss
 reducer (``kat_jax.tree.losses``) serves both.
+
+With ``logits_chunk > 0`` the [B, T, V] logits are never materialized: the output head runs on
+``logits_chunk`` rows at a time inside a sequential map whose steps are rematerialized in the
+backward pass, keeping only each row's log Z and entropy; a pair's label logit is the dot product of
+its row's hidden state with the label's head weights, computed once per tree token (a token's
+label logit comes from its parent row). Same values and gradients up to float rounding; memory
+O(chunk × V) instead of O(T × V) — what a 152k vocabulary needs.
 """
 from __future__ import annotations
 
@@ -40,12 +47,47 @@ def gather_pairs(logits_btv: jax.Array, rows_bkl: jax.Array, labels_bkl: jax.Arr
   return label_logit - log_z[b, rows_bkl], entropy[b, rows_bkl]
 
 
-def tree_logprobs(apply_fn: Callable, params, batch: dict, *, return_values: bool = False):
+def chunked_row_statistics(head_fn: Callable, hidden_btd: jax.Array, chunk: int):
+  """``row_statistics(head_fn(hidden))`` computed ``chunk`` rows at a time (rematerialized in the
+  backward pass), so that only [B, chunk, V] logits are ever live: log Z, entropy [B, T]."""
+  b, t, d = hidden_btd.shape
+  n = -(-t // chunk)
+  padded = jnp.pad(hidden_btd, ((0, 0), (0, n * chunk - t), (0, 0)))
+  pieces = jnp.moveaxis(padded.reshape(b, n, chunk, d), 1, 0)          # [n, B, chunk, d]
+  stats = jax.lax.map(jax.checkpoint(lambda h: row_statistics(head_fn(h))), pieces)
+  return tuple(jnp.moveaxis(x, 0, 1).reshape(b, n * chunk)[:, :t] for x in stats)
+
+
+def _fused_pairs(apply_fn, params, hidden_btd, batch, chunk):
+  """(logp, entropy [B, K, L-1], row entropy [B, T]) without [B, T, V] logits."""
+  head = lambda h: apply_fn({"params": params}, h, method="output_head")
+  log_z, row_entropy = chunked_row_statistics(head, hidden_btd, chunk)
+  rows, label_rows = batch["pred_rows"], batch["pred_label_rows"]
+  b_idx = jnp.arange(hidden_btd.shape[0])[:, None, None]
+  # One label logit per tree token, from its parent's row (every pair predicting that token
+  # shares it); roots and padding read row 0 and are never gathered by a valid pair.
+  parent_hidden = jnp.take_along_axis(hidden_btd, jnp.maximum(batch["parent"], 0)[..., None],
+                                      axis=1)
+  label_logit_t = apply_fn({"params": params}, parent_hidden, batch["tokens"],
+                           method="output_head")                              # [B, T]
+  logp = label_logit_t[b_idx, label_rows] - log_z[b_idx, rows]
+  return logp, row_entropy[b_idx, rows], row_entropy
+
+
+def tree_logprobs(apply_fn: Callable, params, batch: dict, *, return_values: bool = False,
+                  logits_chunk: int = 0):
   """Runs the model over the tree batch; returns a dict with ``logp``, ``entropy`` [B, K, L-1] and,
-  with ``return_values``, the value head's prediction at each pair's row (``values``)."""
-  out = apply_fn({"params": params}, batch["tokens"], batch["positions"], tree_mask(batch))
-  logp, entropy = gather_pairs(out.logits, batch["pred_rows"], batch["pred_labels"])
-  result = {"logp": logp, "entropy": entropy, "row_entropy": row_statistics(out.logits)[1]}
+  with ``return_values``, the value head's prediction at each pair's row (``values``).
+  ``logits_chunk > 0``: the fused path (module docstring), never materializing [B, T, V]."""
+  if logits_chunk:
+    out = apply_fn({"params": params}, batch["tokens"], batch["positions"], tree_mask(batch),
+                   return_hidden=True, compute_logits=False)
+    logp, entropy, row_entropy = _fused_pairs(apply_fn, params, out.hidden, batch, logits_chunk)
+    result = {"logp": logp, "entropy": entropy, "row_entropy": row_entropy}
+  else:
+    out = apply_fn({"params": params}, batch["tokens"], batch["positions"], tree_mask(batch))
+    logp, entropy = gather_pairs(out.logits, batch["pred_rows"], batch["pred_labels"])
+    result = {"logp": logp, "entropy": entropy, "row_entropy": row_statistics(out.logits)[1]}
   if return_values and out.values is not None:
     b = jnp.arange(out.values.shape[0])[:, None, None]
     result["values"] = out.values[b, batch["pred_rows"]]

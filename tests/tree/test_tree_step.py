@@ -1,8 +1,10 @@
 """Tree batches go through the same sharded jitted train step as flat batches: on a 2×4
-(fsdp×tensor) mesh the tree step equals the single-device step."""
+(fsdp×tensor) mesh the tree step (with or without the chunked output head) equals the
+single-device step."""
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from kat_jax import sharding
 from kat_jax.model import ModelConfig, Transformer, get_preset
@@ -25,13 +27,14 @@ def _trees(cfg, n=8, seed=0):
                                                 max_len=24))
 
 
-def _step(mesh_cfg, devices):
+def _step(mesh_cfg, devices, logits_chunk=0):
   cfg = ModelConfig.from_config(get_preset("tiny"))
   mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_cfg), devices)
   rules = sharding.DEFAULT_RULES
   model = Transformer(cfg, mesh=mesh, rules=rules)
   train_cfg = ml_collections.ConfigDict(dict(steps=10, warmup_steps=1, learning_rate=1e-3,
-                                             objective="ppo", clip_eps=0.2))
+                                             objective="ppo", clip_eps=0.2,
+                                             logits_chunk=logits_chunk))
   tx, schedule = optimizer.make_optimizer(train_cfg)
   batch = _trees(cfg)
   example = {"inputs": jax.ShapeDtypeStruct(batch["tokens"].shape, np.int32)}
@@ -43,9 +46,12 @@ def _step(mesh_cfg, devices):
   return jax.device_get(new_state), jax.device_get(metrics)
 
 
-def test_tree_step_on_2x4_mesh_equals_single_device():
+@pytest.mark.parametrize("logits_chunk", [0, 20])
+def test_tree_step_on_2x4_mesh_equals_single_device(logits_chunk):
+  # logits_chunk=20: the chunked output head (48 rows: 20 + 20 + 8) on the mesh equals the plain
+  # single-device step.
   ref_state, ref_metrics = _step(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-  state, metrics = _step(dict(data=1, fsdp=2, tensor=4), jax.devices())
+  state, metrics = _step(dict(data=1, fsdp=2, tensor=4), jax.devices(), logits_chunk)
   assert ref_metrics["weight_sum"] > 0
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
