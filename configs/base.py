@@ -39,7 +39,7 @@ def get_base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       weight_decay=0.1,
       grad_clip=1.0,
       z_loss=1e-4,
-      logits_chunk=0,          # tree losses: >0 = output head on that many rows at a time
+      logits_chunk=0,          # >0: output head on that many rows at a time (no [T, V])
       log_every=10,
       eval_every=100,
       eval_steps=4,

@@ -58,17 +58,35 @@ def token_log_probs(logits_btv: jax.Array, targets_bt: jax.Array):
 def cross_entropy_sums(logits_btv, targets_bt, weights_bt, z_loss: float = 0.0):
   """Weighted sums of next-token cross-entropy (+ optional z-loss) — the numerator of the LM loss."""
   logp, log_z = token_log_probs(logits_btv, targets_bt)
+  return _ce_sums(logp, log_z, jnp.argmax(logits_btv, axis=-1), targets_bt, weights_bt, z_loss)
+
+
+def _ce_sums(logp, log_z, argmax, targets_bt, weights_bt, z_loss):
   ce_sum = -jnp.sum(weights_bt * logp)
   z_sum = jnp.sum(weights_bt * jnp.square(log_z))
-  correct = jnp.sum(weights_bt * (jnp.argmax(logits_btv, axis=-1) == targets_bt))
+  correct = jnp.sum(weights_bt * (argmax == targets_bt))
   return ce_sum + z_loss * z_sum, {"ce_sum": ce_sum, "z_sum": z_sum, "correct_sum": correct}
 
 
 def _lm_numerator(params, batch, ctx: LossContext):
   mask = intervals_from_segment_ids(batch["segment_ids"])
-  out = ctx.apply_fn({"params": params}, batch["inputs"], batch["positions"], mask)
-  return cross_entropy_sums(out.logits, batch["targets"], batch["weights"],
-                            ctx.config.get("z_loss", 0.0))
+  z_loss, chunk = ctx.config.get("z_loss", 0.0), ctx.config.get("logits_chunk", 0)
+  if not chunk:
+    out = ctx.apply_fn({"params": params}, batch["inputs"], batch["positions"], mask)
+    return cross_entropy_sums(out.logits, batch["targets"], batch["weights"], z_loss)
+  # The output head a few rows at a time (kat_jax.tree.logprobs.chunked_rows): no [B, T, V].
+  from kat_jax.tree.logprobs import chunked_rows
+  out = ctx.apply_fn({"params": params}, batch["inputs"], batch["positions"], mask,
+                     return_hidden=True, compute_logits=False)
+
+  def stats(h):
+    logits = ctx.apply_fn({"params": params}, h, method="output_head")
+    return jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1)
+
+  log_z, argmax = chunked_rows(stats, out.hidden, chunk)
+  target_logit = ctx.apply_fn({"params": params}, out.hidden, batch["targets"],
+                              method="output_head")
+  return _ce_sums(target_logit - log_z, log_z, argmax, batch["targets"], batch["weights"], z_loss)
 
 
 def _weight_sum(batch):

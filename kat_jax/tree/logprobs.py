@@ -47,15 +47,21 @@ def gather_pairs(logits_btv: jax.Array, rows_bkl: jax.Array, labels_bkl: jax.Arr
   return label_logit - log_z[b, rows_bkl], entropy[b, rows_bkl]
 
 
-def chunked_row_statistics(head_fn: Callable, hidden_btd: jax.Array, chunk: int):
-  """``row_statistics(head_fn(hidden))`` computed ``chunk`` rows at a time (rematerialized in the
-  backward pass), so that only [B, chunk, V] logits are ever live: log Z, entropy [B, T]."""
+def chunked_rows(fn: Callable, hidden_btd: jax.Array, chunk: int):
+  """``fn(hidden [B, c, d]) -> tuple of [B, c] arrays`` applied ``chunk`` rows at a time in a
+  sequential map whose steps are rematerialized in the backward pass (so only one chunk's
+  [B, chunk, V] logits are ever live); returns the results as [B, T] arrays."""
   b, t, d = hidden_btd.shape
   n = -(-t // chunk)
   padded = jnp.pad(hidden_btd, ((0, 0), (0, n * chunk - t), (0, 0)))
   pieces = jnp.moveaxis(padded.reshape(b, n, chunk, d), 1, 0)          # [n, B, chunk, d]
-  stats = jax.lax.map(jax.checkpoint(lambda h: row_statistics(head_fn(h))), pieces)
-  return tuple(jnp.moveaxis(x, 0, 1).reshape(b, n * chunk)[:, :t] for x in stats)
+  out = jax.lax.map(jax.checkpoint(fn), pieces)
+  return tuple(jnp.moveaxis(x, 0, 1).reshape(b, n * chunk)[:, :t] for x in out)
+
+
+def chunked_row_statistics(head_fn: Callable, hidden_btd: jax.Array, chunk: int):
+  """``row_statistics(head_fn(hidden))`` — log Z, entropy [B, T] — ``chunk`` rows at a time."""
+  return chunked_rows(lambda h: row_statistics(head_fn(h)), hidden_btd, chunk)
 
 
 def _fused_pairs(apply_fn, params, hidden_btd, batch, chunk):
