@@ -32,10 +32,9 @@ from typing import Optional, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# Scoring lives in the library (kat_jax.eval.scoring); re-exported for the CLI's callers.
-from kat_jax.eval.scoring import (HUMANEVAL_STOP_STRINGS, SampleRecord, SuiteResult,  # noqa: F401
-                                  extract_code, format_table, humaneval_completion,
-                                  procedural_job, score_humaneval, score_procedural)
+# Scoring (code extraction, sandbox jobs, pass@k records) lives in kat_jax.eval.scoring.
+from kat_jax.eval.scoring import (HUMANEVAL_STOP_STRINGS, format_table, humaneval_completion,
+                                  score_humaneval, score_procedural)
 
 SUITES = ("humaneval", "procedural")
 

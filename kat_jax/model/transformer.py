@@ -153,13 +153,22 @@ class Attention(nn.Module):
     return y, new_cache
 
 
-def _head_logits(hidden_btd, params, cfg: ModelConfig):
-  """float32 logits of the output head (tied embedding or ``lm_head``) from unboxed params."""
+def _head_logits(hidden_btd, params, cfg: ModelConfig, labels_bt=None):
+  """float32 logits of the output head (tied embedding or ``lm_head``) from unboxed params: all of
+  them [B, T, V], or with ``labels_bt`` only each row's logit of its label [B, T] (the label's
+  weight row dotted with the hidden state: no [B, T, V])."""
   dtype = _DTYPES[cfg.dtype]
+  # Tied: the embedding [V, d]; untied: lm_head stored [d, V] (indexed in place: a transposed copy
+  # of a 152k-row matrix per chunk costs memory).
   if cfg.tie_embeddings:
-    return jnp.einsum("btd,vd->btv", hidden_btd, params["embedding"].astype(dtype),
+    w, vocab_axis, w_spec, label_spec = params["embedding"], 0, "vd", "btd"
+  else:
+    w, vocab_axis, w_spec, label_spec = params["lm_head"], 1, "dv", "dbt"
+  if labels_bt is None:
+    return jnp.einsum(f"btd,{w_spec}->btv", hidden_btd, w.astype(dtype),
                       preferred_element_type=jnp.float32)
-  return jnp.einsum("btd,dv->btv", hidden_btd, params["lm_head"].astype(dtype),
+  w_labels = jnp.take(w, labels_bt, axis=vocab_axis).astype(dtype)
+  return jnp.einsum(f"btd,{label_spec}->bt", hidden_btd.astype(dtype), w_labels,
                     preferred_element_type=jnp.float32)
 
 
@@ -282,18 +291,8 @@ class Transformer(nn.Module):
 
   def output_head(self, hidden_btd: jax.Array, labels_bt: Optional[jax.Array] = None) -> jax.Array:
     """The output head alone, on final hidden states (``hidden``): float32 logits [B, T, V], or
-    with ``labels_bt`` only each row's logit of its label, [B, T] (the head's weight row of the
-    label dotted with the hidden state: no [B, T, V]).
+    with ``labels_bt`` only each row's logit of its label, [B, T] (see ``_head_logits``).
 
     ``model.apply(variables, hidden, method="output_head")``: with ``compute_logits=False`` this
     lets a loss apply the head to a few rows at a time (``kat_jax.tree.logprobs``)."""
-    params = nn.unbox(self.variables["params"])
-    if labels_bt is None:
-      return _head_logits(hidden_btd, params, self.cfg)
-    dtype = _DTYPES[self.cfg.dtype]
-    if self.cfg.tie_embeddings:
-      w = jnp.take(params["embedding"], labels_bt, axis=0)              # [B, T, d]
-    else:
-      w = jnp.moveaxis(jnp.take(params["lm_head"], labels_bt, axis=1), 0, -1)
-    return jnp.einsum("btd,btd->bt", hidden_btd.astype(dtype), w.astype(dtype),
-                      preferred_element_type=jnp.float32)
+    return _head_logits(hidden_btd, nn.unbox(self.variables["params"]), self.cfg, labels_bt)
