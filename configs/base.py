@@ -1,54 +1,78 @@
-"""Defaults shared by every experiment: mesh, sharding rules, train loop, checkpoints, data.
+"""Defaults shared by every experiment: every config key any library code reads is declared here
+(or in a block helper it calls) with its default and a one-line comment.
 
-Experiment files call ``get_base_config(preset)`` and override what differs.
+Experiment files call ``get_base_config(preset)`` and override what differs; any field can be set
+from the command line (``--config.train.prune.enabled=True``), and an unknown key is refused. Library
+code reads fields; it never invents a default. Cross-field checks live in ``kat_jax.config.validate``.
 """
 import ml_collections
 
 from kat_jax import sharding
+from kat_jax.data.config import default_data_config
 from kat_jax.model import get_preset
+from kat_jax.tree.prune import default_prune_config
+from kat_jax.tree.sft_data import default_tree_config
 
 
-def _data_defaults() -> ml_collections.ConfigDict:
-  try:
-    from kat_jax.data.config import default_data_config
-  except ImportError:  # the data pipeline is optional for synthetic runs
-    return ml_collections.ConfigDict()
-  return default_data_config()
+def train_defaults() -> ml_collections.ConfigDict:
+  """``config.train``: optimizer, loop, checkpoints, losses and the policy objective."""
+  return ml_collections.ConfigDict(dict(
+      loss="",                 # registered loss name (kat_jax.train.losses); '' = the stage's own
+      steps=1000,              # optimizer steps; the LR schedule spans them
+      batch_size=8,            # global, in sequences (flat) or trees (tree stages)
+      seq_len=256,             # tokens per row (flat) / tree tokens per row (throughput accounting)
+      grad_accum_steps=1,      # micro-batches per step (exact: one global denominator)
+      learning_rate=3e-3,      # peak AdamW learning rate
+      warmup_steps=50,         # linear warmup, then cosine decay
+      min_lr_ratio=0.1,        # final LR / peak LR
+      b1=0.9,                  # AdamW beta1
+      b2=0.95,                 # AdamW beta2
+      eps=1e-8,                # AdamW epsilon
+      weight_decay=0.1,        # decoupled weight decay (matrices only)
+      grad_clip=1.0,           # global-norm gradient clipping
+      z_loss=1e-4,             # log Z^2 penalty of the lm loss
+      logits_chunk=0,          # >0: output head on that many rows at a time (no [T, V])
+      log_every=10,            # steps between metric lines / TensorBoard points
+      eval_every=100,          # steps between held-out evaluations (0 = never)
+      eval_steps=4,            # held-out batches per evaluation
+      checkpoint_every=100,    # steps between checkpoints (the last step is always saved)
+      keep_checkpoints=3,      # checkpoints kept (oldest deleted first)
+      async_checkpoint=True,   # write checkpoints in the background
+      check_finite_every=1,    # steps between finiteness checks of loss / grad norm (a host sync)
+      peak_flops_per_device=0.0,   # for MFU; 0: datasheet value by device kind, or a measured matmul
+      progress_bar=True,       # tqdm progress bar on the console (process 0)
+      # Tree losses (``tree``, ``tree_sequence_mean``): the per-pair policy objective.
+      objective="nll",         # nll (SFT) | ppo (clipped ratio with per-pair advantages)
+      clip_eps=0.2,            # PPO clip range below 1 (ratio >= 1 - clip_eps)
+      clip_eps_high=-1.0,      # PPO clip range above 1 (ratio <= 1 + clip_eps_high); -1 = clip_eps
+      kl_coef=0.0,             # weight of the k3 KL to the reference (batch field ref_logp)
+      value_coef=0.0,          # weight of the value loss (needs model.value_head=True)
+      entropy_coef=0.0,        # weight of the entropy bonus (subtracted from the loss)
+      use_reference=False,     # keep a frozen copy of the starting params (Trainer.reference_params)
+      prune=default_prune_config(),   # entropy-budget pruning of tree batches (docs/PRUNING.md)
+  ))
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+  """``train_defaults()`` with ``overrides`` (an unknown field is refused): for code that builds a
+  step without a whole experiment config (benchmarks, tests)."""
+  c = train_defaults()
+  unknown = sorted(set(overrides) - set(c.keys()))
+  if unknown:
+    raise KeyError(f"unknown config.train fields {unknown}; known: {sorted(c.keys())}")
+  c.update(overrides)
+  return c
 
 
 def get_base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.stage = "midtrain"
-  c.seed = 0
+  c.stage = "midtrain"        # registered stage (kat_jax.train.stages): data source + default loss
+  c.seed = 0                  # init and data seed (the step RNG uses seed + 1)
   c.init_from = ""   # HF checkpoint dir or kat_jax workdir[@step] to start from (see experiments.convert)
-  c.model = get_preset(preset)
-  c.mesh = sharding.default_mesh_config()
-  c.sharding_rules = [list(r) for r in sharding.DEFAULT_RULES]
-  c.train = ml_collections.ConfigDict(dict(
-      loss="",                 # empty: the stage's default loss
-      steps=1000,
-      batch_size=8,            # global, in sequences
-      seq_len=256,
-      grad_accum_steps=1,
-      learning_rate=3e-3,
-      warmup_steps=50,
-      min_lr_ratio=0.1,
-      b1=0.9,
-      b2=0.95,
-      eps=1e-8,
-      weight_decay=0.1,
-      grad_clip=1.0,
-      z_loss=1e-4,
-      logits_chunk=0,          # >0: output head on that many rows at a time (no [T, V])
-      log_every=10,
-      eval_every=100,
-      eval_steps=4,
-      checkpoint_every=100,
-      keep_checkpoints=3,
-      async_checkpoint=True,
-      check_finite_every=1,
-      peak_flops_per_device=0.0,   # 0: datasheet value by device kind, or a measured matmul on CPU
-      progress_bar=True,
-  ))
-  c.data = _data_defaults()
+  c.model = get_preset(preset)                      # kat_jax.model.presets.ModelConfig fields
+  c.mesh = sharding.default_mesh_config()           # data / fsdp / tensor sizes (-1 = fill)
+  c.sharding_rules = [list(r) for r in sharding.DEFAULT_RULES]   # logical name -> mesh axes
+  c.train = train_defaults()
+  c.tree = default_tree_config()                    # static tree-batch limits (tree stages)
+  c.data = default_data_config()                    # corpora, tokenizer, packing, mixture
   return c

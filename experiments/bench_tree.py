@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 from absl import app, flags
+from configs.base import train_config
 
 _PRESET = flags.DEFINE_string("preset", "small", "Model preset.")
 _ATTN = flags.DEFINE_string("attention_impl", "blocksparse", "config.model.attention_impl")
@@ -70,7 +71,6 @@ def main(argv):
   import jax
   import flax.linen as nn
   import jax.numpy as jnp
-  import ml_collections
   from kat_jax.model import ModelConfig, Transformer, get_preset, intervals_from_segment_ids
   from kat_jax.train import losses
   from kat_jax.tree import batch as tree_batch, build
@@ -78,7 +78,7 @@ def main(argv):
   from kernels.tree_attention.layout import block_layout, visited_fraction
 
   loss = losses.get_loss("tree")
-  ctx_cfg = ml_collections.ConfigDict(dict(objective="nll"))
+  ctx_cfg = train_config(objective="nll")
   chunk_values = sorted({int(c) for c in _TOKEN_CHUNKS.value.split(",")})
   grad_fns, params = {}, None
   for chunk in chunk_values:

@@ -27,6 +27,8 @@ from typing import Optional
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from kat_jax import workdir as workdir_lib
+
 _FROM_HF = flags.DEFINE_string("from_hf", None, "Hugging Face checkpoint directory to import.")
 _TO = flags.DEFINE_string("to", None, "kat_jax workdir to write the imported checkpoint into.")
 _FROM_WORKDIR = flags.DEFINE_string("from_workdir", None, "kat_jax workdir to export.")
@@ -47,7 +49,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Export: experiment co
                                           "config.model describes the params (when the workdir has "
                                           "no model_config.json).")
 
-TOKENIZER_SUBDIR = "tokenizer"
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -73,7 +74,7 @@ def hf_to_workdir(hf_dir: str, workdir: str, *, mesh=None, param_dtype: str = "f
                             source=os.path.abspath(hf_dir))
   if jax.process_index() == 0 and os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
     from kat_jax.data.hf_tokenizer import HFTokenizer
-    HFTokenizer.load(hf_dir).save(os.path.join(workdir, TOKENIZER_SUBDIR))
+    HFTokenizer.load(hf_dir).save(workdir_lib.tokenizer_dir(workdir))
   return model_config
 
 
@@ -87,11 +88,11 @@ def workdir_to_hf(workdir: str, out_dir: str, *, model_config=None, step: Option
   from kat_jax.model import ModelConfig, hf
   model_config = model_config or hf.read_model_config(workdir)
   if model_config is None:
-    raise FileNotFoundError(f"{workdir} has no {hf.init_from.MODEL_CONFIG_FILENAME}: pass the "
+    raise FileNotFoundError(f"{workdir} has no {workdir_lib.MODEL_CONFIG_FILENAME}: pass the "
                             "experiment config that trained it (--config=configs/...py)")
   model_cfg = ModelConfig.from_config(model_config)
   base = None
-  base_path = os.path.join(workdir, hf.init_from.HF_CONFIG_FILENAME)
+  base_path = workdir_lib.hf_config_path(workdir)
   if os.path.exists(base_path):
     with open(base_path) as f:
       base = json.load(f)
@@ -101,7 +102,7 @@ def workdir_to_hf(workdir: str, out_dir: str, *, model_config=None, step: Option
   params = hf.restore_params(workdir, abstract, step)
   names = hf.export_hf(params, model_cfg, out_dir, torch_dtype=torch_dtype, model_type=model_type,
                        base_hf_config=base, max_shard_bytes=max_shard_bytes)
-  tokenizer_dir = os.path.join(workdir, TOKENIZER_SUBDIR)
+  tokenizer_dir = workdir_lib.tokenizer_dir(workdir)
   if jax.process_index() == 0 and os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
     from kat_jax.data.hf_tokenizer import is_hf_tokenizer_dir
     if is_hf_tokenizer_dir(tokenizer_dir):

@@ -33,54 +33,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 # Scoring (code extraction, sandbox jobs, pass@k records) lives in kat_jax.eval.scoring.
+from kat_jax import workdir as workdir_lib
+from kat_jax.eval.sampling import sample_completions
 from kat_jax.eval.scoring import (HUMANEVAL_STOP_STRINGS, format_table, humaneval_completion,
                                   score_humaneval, score_procedural)
 
 SUITES = ("humaneval", "procedural")
-
-
-# ----------------------------------------------------------------------------------- sampling
-
-
-def find_tokenizer_dir(workdir: str, config) -> str:
-  """``DIR/tokenizer`` if it holds a tokenizer, else ``config.data.tokenizer_path``, else the one
-  tokenizer cached under ``DIR/tokenizer/<fingerprint>`` by mid-training."""
-  root = os.path.join(workdir, "tokenizer")
-  if os.path.exists(os.path.join(root, "tokenizer.model")):
-    return root
-  path = config.data.get("tokenizer_path", "") if "data" in config else ""
-  if path:
-    return path
-  cached = sorted(d for d in (os.listdir(root) if os.path.isdir(root) else ())
-                  if os.path.exists(os.path.join(root, d, "tokenizer.model")))
-  if len(cached) == 1:
-    return os.path.join(root, cached[0])
-  raise FileNotFoundError(
-      f"no tokenizer for {workdir!r}: expected {root}/tokenizer.model (saved by training), "
-      f"config.data.tokenizer_path, or exactly one cached tokenizer under {root}/ (found "
-      f"{len(cached)}); the synthetic stage trains none — save one there first")
-
-
-def sample_completions(sampler, prompts: Sequence[Sequence[int]], num_samples: int, config, rng,
-                       batch_size: int, tokenizer) -> list[list[tuple[str, str, int]]]:
-  """``num_samples`` completions per prompt: [prompt][sample] -> (text, finish_reason, tokens).
-
-  Row j of the flattened (prompt, sample) list draws with ``fold_in(rng, j)``, so results do not
-  depend on ``batch_size``. Rows are batched longest-prompt-first to waste little padding.
-  """
-  import jax
-  import jax.numpy as jnp
-  rows = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
-  order = sorted(range(len(rows)), key=lambda j: -len(prompts[rows[j][0]]))
-  out: list[list] = [[None] * num_samples for _ in prompts]
-  for start in range(0, len(order), batch_size):
-    chunk = order[start:start + batch_size]
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.asarray(chunk))
-    result = sampler.generate([prompts[rows[j][0]] for j in chunk], keys, config, tokenizer)
-    for i, j in enumerate(chunk):
-      p, s = rows[j]
-      out[p][s] = (result.texts[i], result.finish_reason[i], int(result.lengths[i]))
-  return out
 
 
 def run_eval(config, workdir: str, *, suites: Sequence[str] = SUITES, num_samples: int = 1,
@@ -112,7 +70,7 @@ def run_eval(config, workdir: str, *, suites: Sequence[str] = SUITES, num_sample
   if num_samples > 1 and temperature == 0.0:
     logging.warning("greedy decoding with num_samples=%d: every sample is the same", num_samples)
 
-  tokenizer = tokenizer_lib.load_tokenizer(find_tokenizer_dir(workdir, config))
+  tokenizer = tokenizer_lib.load_tokenizer(workdir_lib.find_tokenizer_dir(workdir, config))
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but config.model.vocab_size="
                      f"{config.model.vocab_size}: the config does not match the checkpoint")
@@ -173,7 +131,7 @@ def run_eval(config, workdir: str, *, suites: Sequence[str] = SUITES, num_sample
       "table": format_table(results, ks),
       "suites": {r.suite: r.to_dict() for r in results},
   }
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = workdir_lib.eval_dir(workdir)
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"step_{restored_step}.json")
   with open(path + ".tmp", "w") as f:

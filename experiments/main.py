@@ -3,8 +3,10 @@
   python -m experiments.main --config=configs/midtrain_tiny.py --workdir=/tmp/run \
       [--config.train.steps=200 --config.mesh.tensor=2 ...]
 
-Restarting with the same --workdir resumes from its latest checkpoint. On a multi-host TPU pod pass
---multihost so every process joins ``jax.distributed.initialize()`` first.
+Restarting with the same --workdir resumes from its latest checkpoint. On a multi-host TPU pod or a
+multi-GPU cluster pass --multihost so every process joins ``jax.distributed.initialize()`` first
+(docs/LAUNCH.md). The console shows a progress bar, one line per ``config.train.log_every`` steps
+and a summary at the end; library INFO logs (Orbax, TFDS) appear with ``--verbosity=0``.
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -16,17 +18,24 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initial
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def quiet_library_logs() -> None:
+  """Library INFO chatter off unless --verbosity was given (absl's default is INFO)."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def main(argv):
   del argv
+  quiet_library_logs()
   import jax
   if _MULTIHOST.value:
     jax.distributed.initialize()
-  from kat_jax.train import loop
+  from kat_jax.train import loop, metrics
   logging.info("devices: %s", jax.devices())
   result = loop.train(_CONFIG.value, _WORKDIR.value)
   result.pop("state", None)
   logging.info("done: %s", result)
-  print({k: v for k, v in result.items()})
+  metrics.console(metrics.run_summary(result))
 
 
 if __name__ == "__main__":

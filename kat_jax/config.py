@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """A configuration value is invalid; the message names the field and the fix."""
+from kat_jax import sharding
+from kat_jax.errors import ConfigError
+from kat_jax.model import presets
 
 
 def require(cfg: ml_collections.ConfigDict, path: str):
@@ -23,30 +23,65 @@ def require(cfg: ml_collections.ConfigDict, path: str):
   return node
 
 
+# Tree-loss objectives (kat_jax.train.losses.policy_pair_loss).
+OBJECTIVES = ("nll", "ppo")
+
+
+def _positive(train, fields) -> None:
+  for field in fields:
+    if train[field] <= 0:
+      raise ConfigError(f"config.train.{field}={train[field]} must be positive")
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   """Cross-field checks of a full experiment config against the devices at hand."""
-  from kat_jax.model import presets  # local import: presets imports this module
-  from kat_jax import sharding
-
-  presets.ModelConfig.from_config(require(cfg, "model"))
+  model = presets.ModelConfig.from_config(require(cfg, "model"))
   mesh_shape = sharding.mesh_shape(require(cfg, "mesh"), num_devices)
   train = require(cfg, "train")
+  _positive(train, ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
+                    "keep_checkpoints", "check_finite_every", "eval_steps", "learning_rate"))
   batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
   if train.batch_size % batch_shards:
     raise ConfigError(
         f"config.train.batch_size={train.batch_size} is not divisible by data×fsdp="
         f"{mesh_shape['data']}×{mesh_shape['fsdp']}={batch_shards}: use a multiple of {batch_shards}")
-  accum = train.get("grad_accum_steps", 1)
+  accum = train.grad_accum_steps
   if accum < 1 or (train.batch_size // batch_shards) % accum:
     raise ConfigError(
         f"config.train.grad_accum_steps={accum} must be >= 1 and divide the per-shard batch "
         f"{train.batch_size // batch_shards} (config.train.batch_size / data×fsdp)")
-  for field in ("steps", "seq_len", "log_every", "checkpoint_every"):
-    if train.get(field, 1) <= 0:
-      raise ConfigError(f"config.train.{field}={train.get(field)} must be positive")
-  if train.get("logits_chunk", 0) < 0:
+  if train.logits_chunk < 0:
     raise ConfigError(f"config.train.logits_chunk={train.logits_chunk} must be >= 0 "
                       f"(0 = the whole [T, V] logits at once)")
-  if not 0.0 <= train.get("warmup_steps", 0) <= train.steps:
+  if not 0.0 <= train.warmup_steps <= train.steps:
     raise ConfigError(f"config.train.warmup_steps={train.warmup_steps} must be in [0, "
                       f"config.train.steps={train.steps}]")
+  if train.eval_every < 0:
+    raise ConfigError(f"config.train.eval_every={train.eval_every} must be >= 0 (0 = never)")
+  _validate_objective(train, model)
+  from kat_jax.tree.prune import settings_from_config  # local: the pruning module imports jax
+  try:
+    settings_from_config(train.prune)
+  except ValueError as e:
+    raise ConfigError(f"config.train.{e}") from None
+
+
+def _validate_objective(train, model) -> None:
+  if train.objective not in OBJECTIVES:
+    raise ConfigError(f"config.train.objective={train.objective!r} is not one of "
+                      f"{list(OBJECTIVES)}")
+  if train.clip_eps < 0 or (train.clip_eps_high < 0 and train.clip_eps_high != -1):
+    raise ConfigError(f"config.train.clip_eps={train.clip_eps} and clip_eps_high="
+                      f"{train.clip_eps_high} must be >= 0 (clip_eps_high=-1: same as clip_eps)")
+  for field in ("kl_coef", "value_coef", "entropy_coef"):
+    if train[field] < 0:
+      raise ConfigError(f"config.train.{field}={train[field]} must be >= 0")
+  if train.value_coef > 0 and not model.value_head:
+    raise ConfigError(
+        f"config.train.value_coef={train.value_coef} trains a value head but "
+        "config.model.value_head=False: set --config.model.value_head=True (a checkpoint without "
+        "one gets a zero-initialized head) or --config.train.value_coef=0")
+  if train.kl_coef > 0 and not train.use_reference:
+    raise ConfigError(
+        f"config.train.kl_coef={train.kl_coef} needs the reference policy's log-probs: set "
+        "--config.train.use_reference=True (or --config.train.kl_coef=0)")

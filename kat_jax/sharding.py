@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from kat_jax.config import ConfigError
+from kat_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -49,7 +49,10 @@ def default_mesh_config() -> ml_collections.ConfigDict:
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-  sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
+  unknown = sorted(set(mesh_cfg.keys()) - set(MESH_AXES))
+  if unknown:
+    raise ConfigError(f"config.mesh has unknown axes {unknown}: the mesh axes are {MESH_AXES}")
+  sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
   fill = [a for a, s in sizes.items() if s == -1]
   if len(fill) > 1:
     raise ConfigError(f"config.mesh has -1 for {fill}: at most one axis may be -1 (fill)")
@@ -83,11 +86,8 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict,
 
 
 def rules_from_config(cfg: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
-  rules = cfg.get("sharding_rules", None)
-  if rules is None:
-    return DEFAULT_RULES
   out = []
-  for entry in rules:
+  for entry in cfg.sharding_rules:
     name, axes = entry
     axes = tuple(axes) if isinstance(axes, list) else axes
     for a in (axes if isinstance(axes, tuple) else (axes,)):

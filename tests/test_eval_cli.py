@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import eval as eval_cli
+from kat_jax import workdir as workdir_lib
 from kat_jax.data import procedural
 from kat_jax.eval import humaneval, scoring
 from kat_jax.eval.pass_at_k import pass_at_k
@@ -35,12 +35,12 @@ def test_find_tokenizer_dir(tmp_path):
   config = ml_collections.ConfigDict({"data": {"tokenizer_path": ""}})
   root = tmp_path / "tokenizer"
   with pytest.raises(FileNotFoundError, match="no tokenizer"):
-    eval_cli.find_tokenizer_dir(str(tmp_path), config)
+    workdir_lib.find_tokenizer_dir(str(tmp_path), config)
   (root / "abc123").mkdir(parents=True)                  # mid-training's cache layout
   (root / "abc123" / "tokenizer.model").write_bytes(b"")
-  assert eval_cli.find_tokenizer_dir(str(tmp_path), config) == str(root / "abc123")
+  assert workdir_lib.find_tokenizer_dir(str(tmp_path), config) == str(root / "abc123")
   (root / "tokenizer.model").write_bytes(b"")            # saved by the loop
-  assert eval_cli.find_tokenizer_dir(str(tmp_path), config) == str(root)
+  assert workdir_lib.find_tokenizer_dir(str(tmp_path), config) == str(root)
 
 
 def _check_consistent(suite: dict, ks):

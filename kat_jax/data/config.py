@@ -51,7 +51,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       repo="", revision="HEAD", max_commits=20_000, max_diff_bytes=200_000, loss_on="all"))
   # Conversations / trajectories (tool use, multi-turn, SFT / RFT teacher trajectories): JSONL files
   # or globs, comma-separated, one chat.Conversation JSON per line.
-  config.trajectories = ml_collections.ConfigDict(dict(paths="", loss_on="all"))
+  config.trajectories = ml_collections.ConfigDict(dict(paths="", loss_on="all",
+                                                       render="conversation"))
   # Instruction data: JSONL conversations or Evol-Instruct records ({"instruction", "solution"}).
   # render: 'conversation' (user instruction, assistant solution) or 'code_file' (aiXcoder: the
   # solution as a code file with the instruction as its docstring, FIM-transformed like code).
@@ -61,9 +62,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   # families '' = all; levels: comma-separated difficulty levels. The corpus holds num_train distinct
   # training and num_eval distinct held-out tasks (the stream repeats them, reshuffled, every epoch),
   # and building it raises when the levels hold fewer: level 0 (the one a tiny model can learn,
-  # RESEARCH.md §7) has about 1,070 training and 130 held-out tasks (heldout_fraction 0.1); add
-  # levels ("0,1") for more. Generation is slow (the default corpus takes over a minute on 2 CPU
-  # cores; built once, cached in data_dir), so the defaults stay near what level 0 holds.
+  # docs/DESIGN.md, "Background") has about 1,070 training and 130 held-out tasks
+  # (heldout_fraction 0.1); add levels ("0,1") for more. Generation is slow (the default corpus
+  # takes over a minute on 2 CPU cores; built once, cached in data_dir), so the defaults stay near
+  # what level 0 holds.
   config.procedural = ml_collections.ConfigDict(dict(
       families="", levels="0", num_train=1_000, num_eval=100, seed=0, heldout_fraction=0.1,
       loss_on="assistant"))

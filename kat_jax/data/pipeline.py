@@ -34,6 +34,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from kat_jax import workdir as workdir_lib
 from kat_jax.data import chat
 from kat_jax.data import corpora
 from kat_jax.data import mixture as mixture_lib
@@ -117,7 +118,7 @@ def get_or_train_tokenizer(data_config: ml_collections.ConfigDict, workdir: str
   if data_config.tokenizer_path:
     return tokenizer_lib.load_tokenizer(data_config.tokenizer_path)
   builder = code_corpus_builder(data_config)
-  cache_root = data_config.tokenizer_cache_dir or os.path.join(workdir, "tokenizer")
+  cache_root = data_config.tokenizer_cache_dir or workdir_lib.tokenizer_dir(workdir)
   directory = os.path.join(cache_root, _tokenizer_cache_key(data_config, builder))
   cached = tokenizer_lib.maybe_tokenizer(directory)
   if cached is not None:
@@ -302,7 +303,7 @@ def _jsonl_stream_factory(name: str) -> Callable[..., Stream]:
     dataset = _sharded_shuffled(builder, name, split, seed,
                                 shard_index, shard_count)
     loss_on = section.loss_on
-    render = section.get("render", "conversation")
+    render = section.render
     if render == "conversation":
       dataset = dataset.map(lambda e: _conversation_document(
           jsonl.conversation_from_record(json.loads(_text(e["conversation"]))), tokenizer, loss_on))

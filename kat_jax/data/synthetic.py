@@ -1,8 +1,9 @@
 """A deterministic synthetic token stream with exact resume, for benchmarks and loop tests.
 
 Each row is a packed batch of random "documents" whose second half repeats the first half, so a model
-can lower the loss by copying (a real learning signal with no corpus). Batch i depends only on
-(seed, i, shard_index): ``get_state``/``set_state`` is the batch counter.
+can lower the loss by copying (a real learning signal with no corpus). Row r of batch i depends only
+on (seed, i, global row = shard_index × batch_size + r), so the global batch is the same however
+many processes share it: ``get_state``/``set_state`` is the batch counter.
 """
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ class SyntheticCopyIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng([self.seed, self.shard_index, self._index])
-    self._index += 1
     b, t, d = self.batch_size, self.seq_len, self.doc_len
-    half = rng.integers(self.num_reserved, self.vocab_size, (b, t // d + 1, d // 2))
+    first_row = self.shard_index * b
+    half = np.stack([
+        np.random.default_rng([self.seed, self._index, first_row + r]).integers(
+            self.num_reserved, self.vocab_size, (t // d + 1, d // 2)) for r in range(b)])
+    self._index += 1
     docs = np.concatenate([half, half], axis=-1).reshape(b, -1)[:, :t + 1].astype(np.int32)
     idx = np.arange(t)
     segment_ids = np.broadcast_to(idx // d + 1, (b, t)).astype(np.int32)

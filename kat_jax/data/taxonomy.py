@@ -9,7 +9,7 @@ cell. Typical use::
     weights = balanced_sampling_weights(labels)     # per-example sampling probabilities
 
 Names are snake_case ids; ``TASK_TYPE_NAMES`` / ``SCENARIO_NAMES`` give the published wording
-(RESEARCH.md §1).
+(docs/DESIGN.md, "Background").
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import dataclasses
 
 import ml_collections
 
-from kat_jax import config as config_lib
+from kat_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ class ModelConfig:
     values = {k: v for k, v in cfg.items() if k in fields}
     unknown = set(cfg.keys()) - fields - {"name"}
     if unknown:
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f"config.model has unknown field(s) {sorted(unknown)}; known fields: {sorted(fields)}")
     out = cls(**values)
     out.validate()
@@ -59,24 +59,24 @@ class ModelConfig:
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                  "mlp_dim"):
       if getattr(self, name) <= 0:
-        raise config_lib.ConfigError(f"config.model.{name}={getattr(self, name)} must be positive")
+        raise ConfigError(f"config.model.{name}={getattr(self, name)} must be positive")
     if self.num_heads % self.num_kv_heads:
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f"config.model.num_heads={self.num_heads} is not divisible by "
           f"config.model.num_kv_heads={self.num_kv_heads}: choose num_kv_heads among the divisors "
           f"of num_heads")
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in ("float32", "bfloat16"):
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"config.model.{name}={getattr(self, name)!r}: use 'float32' or 'bfloat16'")
     if self.rope_scaling not in ("", "llama3"):
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f"config.model.rope_scaling={self.rope_scaling!r}: use '' (none) or 'llama3'")
     if self.token_chunk < 0:
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f"config.model.token_chunk={self.token_chunk} must be >= 0 (0 = no slicing)")
     if self.remat not in ("none", "full", "dots", "dots_no_batch"):
-      raise config_lib.ConfigError(
+      raise ConfigError(
           f"config.model.remat={self.remat!r}: use one of none, full, dots, dots_no_batch")
 
   def num_params(self, include_embedding: bool = True) -> int:
@@ -127,7 +127,7 @@ def preset_names() -> list[str]:
 
 def get_preset(name: str) -> ml_collections.ConfigDict:
   if name not in _PRESETS:
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f"unknown model preset {name!r}: choose one of {preset_names()}")
   base = dataclasses.asdict(ModelConfig(**_PRESETS[name]))
   return ml_collections.ConfigDict(dict(name=name, **base))

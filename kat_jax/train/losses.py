@@ -70,7 +70,7 @@ def _ce_sums(logp, log_z, argmax, targets_bt, weights_bt, z_loss):
 
 def _lm_numerator(params, batch, ctx: LossContext):
   mask = intervals_from_segment_ids(batch["segment_ids"])
-  z_loss, chunk = ctx.config.get("z_loss", 0.0), ctx.config.get("logits_chunk", 0)
+  z_loss, chunk = ctx.config.z_loss, ctx.config.logits_chunk
   if not chunk:
     out = ctx.apply_fn({"params": params}, batch["inputs"], batch["positions"], mask)
     return cross_entropy_sums(out.logits, batch["targets"], batch["weights"], z_loss)
@@ -140,7 +140,7 @@ def reduce_pairs(loss_bkl: jax.Array, weights_bkl: jax.Array, normalizer: str):
 def policy_pair_loss(logp, batch: dict, cfg) -> tuple[jax.Array, dict]:
   """Per-pair loss by ``cfg.objective``: ``nll`` (SFT) or ``ppo`` (clipped ratio with per-pair
   advantages; GRPO is ``ppo`` with group-relative advantages and an optional KL to a reference)."""
-  objective = cfg.get("objective", "nll")
+  objective = cfg.objective
   if objective == "nll":
     return -logp, {}
   if objective == "ppo":
@@ -148,13 +148,13 @@ def policy_pair_loss(logp, batch: dict, cfg) -> tuple[jax.Array, dict]:
     old = pair_fields(batch, "old_logp", None)
     old = jax.lax.stop_gradient(logp) if old is None else old
     ratio = jnp.exp(logp - old)
-    eps_lo = cfg.get("clip_eps", 0.2)
-    eps_hi = cfg.get("clip_eps_high", eps_lo)
+    eps_lo = cfg.clip_eps
+    eps_hi = eps_lo if cfg.clip_eps_high < 0 else cfg.clip_eps_high
     unclipped = ratio * adv
     clipped = jnp.clip(ratio, 1.0 - eps_lo, 1.0 + eps_hi) * adv
     loss = -jnp.minimum(unclipped, clipped)
     terms = {"clipped_frac": (clipped < unclipped).astype(jnp.float32), "ratio": ratio}
-    beta = cfg.get("kl_coef", 0.0)
+    beta = cfg.kl_coef
     ref = pair_fields(batch, "ref_logp", None)
     if beta and ref is not None:
       d = ref - logp
@@ -169,8 +169,7 @@ def _tree_numerator(params, batch, ctx: LossContext, normalizer: str):
   from kat_jax.tree.logprobs import tree_logprobs
   cfg = ctx.config
   out = tree_logprobs(ctx.apply_fn, params, batch,
-                      return_values=cfg.get("value_coef", 0.0) > 0,
-                      logits_chunk=cfg.get("logits_chunk", 0))
+                      return_values=cfg.value_coef > 0, logits_chunk=cfg.logits_chunk)
   w = pair_weights(batch)
   loss, terms = policy_pair_loss(out["logp"], batch, cfg)
   num, _ = reduce_pairs(loss, w, normalizer)
@@ -178,7 +177,7 @@ def _tree_numerator(params, batch, ctx: LossContext, normalizer: str):
              "entropy_sum": reduce_pairs(out["entropy"], w, normalizer)[0]}
   for k, v in terms.items():
     metrics[f"{k}_sum"] = reduce_pairs(v, w, normalizer)[0]
-  ent_coef = cfg.get("entropy_coef", 0.0)
+  ent_coef = cfg.entropy_coef
   if ent_coef:
     num = num - ent_coef * metrics["entropy_sum"]
   if "values" in out:

@@ -2,7 +2,6 @@
 to TensorBoard (tensorboardX) and the console (tqdm progress bar + absl log lines)."""
 from __future__ import annotations
 
-import os
 import time
 from typing import Optional
 
@@ -45,20 +44,34 @@ def peak_flops_per_device(configured: float = 0.0) -> float:
   return measure_peak_matmul_flops(n=1024, repeats=3)
 
 
-class MetricWriter:
-  """Scalars to TensorBoard under ``workdir/tb`` (process 0 only) and to the console."""
+def console(text: str) -> None:
+  """A line for the person watching (process 0 only), kept clear of an active progress bar."""
+  if jax.process_index() != 0:
+    return
+  from tqdm import tqdm
+  tqdm.write(text)
 
-  def __init__(self, workdir: str, total_steps: int, initial_step: int = 0,
+
+def format_scalars(scalars: dict) -> str:
+  return " ".join(f"{k}={float(v):.4g}" for k, v in sorted(scalars.items()))
+
+
+class MetricWriter:
+  """Scalars to TensorBoard under ``log_dir`` (process 0 only) and to the console: a tqdm progress
+  bar and one line per written step (plus the absl log at INFO)."""
+
+  def __init__(self, log_dir: str, total_steps: int, initial_step: int = 0,
                progress_bar: bool = True):
+    self.log_dir = log_dir
     self._tb = None
     self._bar = None
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self._tb = SummaryWriter(log_dir)
       if progress_bar:
         from tqdm import tqdm
         self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
-                         dynamic_ncols=True)
+                         dynamic_ncols=True, leave=False)
 
   def advance(self, n: int = 1) -> None:
     if self._bar is not None:
@@ -70,9 +83,10 @@ class MetricWriter:
     for k, v in scalars.items():
       self._tb.add_scalar(f"{prefix}/{k}", float(v), step)
     self._tb.flush()
-    line = " ".join(f"{k}={float(v):.4g}" for k, v in sorted(scalars.items()))
+    line = format_scalars(scalars)
     if self._bar is not None:
       self._bar.set_postfix_str(f"{prefix} loss={float(scalars.get('loss', float('nan'))):.4f}")
+    console(f"step {step} {prefix}: {line}")
     logging.info("step %d %s: %s", step, prefix, line)
 
   def close(self) -> None:
@@ -80,3 +94,22 @@ class MetricWriter:
       self._bar.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def run_summary(result: dict) -> str:
+  """A few lines a person reads at the end of a run: steps, final losses, throughput, wall time,
+  where the checkpoints and TensorBoard logs are."""
+  lines = [f"finished: step {result.get('step')} (started at {result.get('start_step', 0)}) in "
+           f"{result.get('wall_time_s', float('nan')):.1f} s"]
+  losses = [f"{name} loss {result[key]:.4f}" for name, key in (("train", "train_loss"),
+                                                                ("eval", "eval_loss"))
+            if key in result]
+  if losses:
+    lines.append("  final " + ", ".join(losses))
+  if "train_tokens_per_s" in result:
+    lines.append(f"  throughput {result['train_tokens_per_s']:.0f} tokens/s, "
+                 f"MFU {result.get('train_mfu', float('nan')):.3f}")
+  for name, key in (("checkpoints", "checkpoint_dir"), ("TensorBoard", "tensorboard_dir")):
+    if key in result:
+      lines.append(f"  {name}: {result[key]}")
+  return "\n".join(lines)

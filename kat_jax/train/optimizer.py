@@ -12,7 +12,7 @@ def make_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedule:
       peak_value=train_cfg.learning_rate,
       warmup_steps=max(int(train_cfg.warmup_steps), 1),
       decay_steps=max(int(train_cfg.steps), int(train_cfg.warmup_steps) + 1),
-      end_value=train_cfg.learning_rate * train_cfg.get("min_lr_ratio", 0.1),
+      end_value=train_cfg.learning_rate * train_cfg.min_lr_ratio,
   )
 
 
@@ -25,9 +25,9 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict):
   """Returns (optax transform, schedule)."""
   schedule = make_schedule(train_cfg)
   tx = optax.chain(
-      optax.clip_by_global_norm(train_cfg.get("grad_clip", 1.0)),
-      optax.adamw(schedule, b1=train_cfg.get("b1", 0.9), b2=train_cfg.get("b2", 0.95),
-                  eps=train_cfg.get("eps", 1e-8), weight_decay=train_cfg.get("weight_decay", 0.1),
+      optax.clip_by_global_norm(train_cfg.grad_clip),
+      optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
+                  weight_decay=train_cfg.weight_decay,
                   mask=_decay_mask),
   )
   return tx, schedule

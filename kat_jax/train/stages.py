@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from kat_jax.config import ConfigError
+from kat_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ with the last good state and checkpoint.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -76,12 +76,11 @@ def token_entropies(apply_fn: Callable, params, batch: dict,
 def maybe_prune(apply_fn: Callable, params, batch: dict, train_cfg) -> tuple[dict, dict]:
   """Adds the entropy-budget keep mask (``keep`` [B, T]) to a tree batch when
   ``config.train.prune.enabled``; the tree losses gate pairs and their normalizer by it."""
-  prune_cfg = train_cfg.get("prune", None)
-  if prune_cfg is None or not prune_cfg.enabled or "tin" not in batch:
+  if not train_cfg.prune.enabled or "tin" not in batch:
     return batch, {}
   from kat_jax.tree.prune import prune_tree_batch
-  entropies = token_entropies(apply_fn, params, batch, train_cfg.get("logits_chunk", 0))
-  keep, m = prune_tree_batch(batch, entropies, prune_cfg)
+  entropies = token_entropies(apply_fn, params, batch, train_cfg.logits_chunk)
+  keep, m = prune_tree_batch(batch, entropies, train_cfg.prune)
   metrics = {f"prune/{k}": jnp.mean(jnp.asarray(m[k], jnp.float32))
              for k in ("kept_fraction", "kept_entropy_fraction", "kept_trajectories",
                        "kept_tokens", "mandatory_exceeds_budget")}
@@ -90,7 +89,7 @@ def maybe_prune(apply_fn: Callable, params, batch: dict, train_cfg) -> tuple[dic
 
 def make_train_step(apply_fn: Callable, loss: Loss, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, train_cfg, state_shardings, mesh, rules):
-  accum = int(train_cfg.get("grad_accum_steps", 1))
+  accum = int(train_cfg.grad_accum_steps)
 
   def step(state: TrainState, batch: dict, rng: jax.Array):
     ctx = LossContext(apply_fn=apply_fn, config=train_cfg, rng=jax.random.fold_in(rng, state.step))

@@ -25,7 +25,7 @@ load_file, save_file = safetensors_numpy.load_file, safetensors_numpy.save_file
 
 from kat_jax import sharding as sharding_lib  # noqa: E402
 from kat_jax.model import ModelConfig, Transformer, hf, intervals_from_segment_ids  # noqa: E402
-from kat_jax.train import checkpoint as checkpoint_lib  # noqa: E402
+from kat_jax import checkpoint as checkpoint_lib  # noqa: E402
 from kat_jax.train import state as state_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -25,7 +25,7 @@ def _launch(workdir):
   return subprocess.Popen(
       [sys.executable, "-m", "experiments.main", "--config=configs/synthetic_tiny.py",
        f"--workdir={workdir}", *OVERRIDES],
-      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _config():
@@ -39,8 +39,12 @@ def _config():
 def test_kill_and_resume_is_bitwise_equal(tmp_path):
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   p = _launch(straight)
-  _, err = p.communicate(timeout=600)
+  out, err = p.communicate(timeout=600)
   assert p.returncode == 0, err[-3000:]
+  # The console: one line per logged step and a summary; no library INFO chatter by default.
+  assert sum(line.startswith("step ") and " train: " in line for line in out.splitlines()) == STEPS
+  assert f"finished: step {STEPS} (started at 0)" in out and "checkpoints: " in out
+  assert "orbax" not in err.lower() and " INFO " not in err, err[-2000:]
 
   p = _launch(killed)
   marker = os.path.join(killed, "checkpoints", str(KILL_AFTER))
@@ -55,9 +59,9 @@ def test_kill_and_resume_is_bitwise_equal(tmp_path):
   assert STEPS not in steps_left, steps_left
 
   p = _launch(killed)
-  _, err = p.communicate(timeout=600)
+  out, err = p.communicate(timeout=600)
   assert p.returncode == 0, err[-3000:]
-  assert "restored step" in err
+  assert f"restored step {KILL_AFTER}" in out
 
   a, _, _, step_a = loop.load_state(_config(), straight)
   b, _, _, step_b = loop.load_state(_config(), killed)

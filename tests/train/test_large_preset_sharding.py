@@ -2,20 +2,20 @@
 TPU v5p chip and every large tensor is really sharded (per-device bytes ≈ total / 256)."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
 from kat_jax import sharding
 from kat_jax.model import ModelConfig, Transformer, get_preset
 from kat_jax.train import optimizer, state as state_lib
+from configs.base import train_config
 
 
 def test_qwen3_32b_state_is_fully_sharded():
   cfg = ModelConfig.from_config(get_preset("qwen3_32b"))
   mesh = AbstractMesh((1, 64, 4), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
   model = Transformer(cfg)
-  train_cfg = ml_collections.ConfigDict(dict(steps=100, warmup_steps=10, learning_rate=1e-4))
+  train_cfg = train_config(steps=100, warmup_steps=10, learning_rate=1e-4)
   tx, _ = optimizer.make_optimizer(train_cfg)
   example = {"inputs": jax.ShapeDtypeStruct((256, 4096), jnp.int32)}
   abstract, shardings = state_lib.abstract_state(model, tx, example, mesh, sharding.DEFAULT_RULES)

@@ -4,12 +4,12 @@ tied and an untied head, with packed segments, loss masks and z-loss."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from kat_jax.model import ModelConfig, Transformer, get_preset, intervals_from_segment_ids
 from kat_jax.train import losses
+from configs.base import train_config
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -32,8 +32,8 @@ def test_chunked_lm_loss_equals_full(tied):
   loss = losses.get_loss("lm")
 
   def run(chunk):
-    ctx = losses.LossContext(apply_fn=model.apply, config=ml_collections.ConfigDict(
-        dict(z_loss=1e-2, logits_chunk=chunk)))
+    ctx = losses.LossContext(apply_fn=model.apply,
+                             config=train_config(z_loss=1e-2, logits_chunk=chunk))
     return jax.value_and_grad(lambda p: loss.numerator(p, batch, ctx), has_aux=True)(params)
 
   (full, full_m), full_g = run(0)

@@ -7,12 +7,12 @@ import pytest
 from kat_jax import sharding
 from kat_jax.model import ModelConfig, Transformer, get_preset
 from kat_jax.train import losses, optimizer, state as state_lib, step as step_lib
+from configs.base import train_config
 
 
 def _train_cfg():
-  return ml_collections.ConfigDict(dict(
-      steps=10, warmup_steps=2, learning_rate=1e-3, min_lr_ratio=0.1, grad_clip=1.0,
-      weight_decay=0.1, z_loss=1e-4, grad_accum_steps=1))
+  return train_config(steps=10, warmup_steps=2, learning_rate=1e-3, min_lr_ratio=0.1,
+                      grad_clip=1.0, weight_decay=0.1, z_loss=1e-4, grad_accum_steps=1)
 
 
 def _batch(cfg, b=8, t=32, seed=0):

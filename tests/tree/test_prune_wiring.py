@@ -11,6 +11,7 @@ from kat_jax.train import losses, optimizer, state as state_lib, step as step_li
 from kat_jax.tree import batch as tree_batch, build
 from kat_jax.tree.logprobs import batch_to_arrays
 from kat_jax.tree.prune import default_prune_config, prune_tree_batch
+from configs.base import train_config
 
 
 def _batch(vocab, with_entropy):
@@ -32,8 +33,7 @@ def _run(prune_cfg, with_entropy):
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),
                             jax.devices()[:1])
   model = Transformer(cfg, mesh=mesh)
-  train_cfg = ml_collections.ConfigDict(dict(steps=5, warmup_steps=1, learning_rate=1e-3,
-                                             objective="nll"))
+  train_cfg = train_config(steps=5, warmup_steps=1, learning_rate=1e-3, objective="nll")
   if prune_cfg is not None:
     train_cfg.prune = prune_cfg
   tx, schedule = optimizer.make_optimizer(train_cfg)
@@ -70,7 +70,7 @@ def test_partial_budget_trains_exactly_the_kept_pairs():
   np.testing.assert_allclose(m["prune/kept_fraction"], np.mean(pm["kept_fraction"]), rtol=1e-6)
   pruned = dict(batch, keep=keep)
   loss = losses.get_loss("tree")
-  ctx = losses.LossContext(apply_fn=model.apply, config=ml_collections.ConfigDict(dict(objective="nll")))
+  ctx = losses.LossContext(apply_fn=model.apply, config=train_config(objective="nll"))
   num, _ = loss.numerator(params, jax.tree.map(jnp.asarray, pruned), ctx)
   den = loss.denominator(jax.tree.map(jnp.asarray, pruned))
   assert float(den) < float(loss.denominator(jax.tree.map(jnp.asarray, batch)))

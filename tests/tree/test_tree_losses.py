@@ -4,7 +4,6 @@ have the flat batch's value and parameter gradients."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -14,6 +13,7 @@ from kat_jax.train import losses
 from kat_jax.tree import batch as tree_batch
 from kat_jax.tree import build
 from kat_jax.tree import logprobs as tree_lp
+from configs.base import train_config
 
 K, L, T = 6, 20, 96          # fixed padded sizes: one compilation for all examples
 VOCAB = 64
@@ -115,7 +115,7 @@ def test_tree_loss_and_grads_equal_flat(model_and_params, data, normalizer, obje
   trajs, fields = data
   _, tb = _tree_arrays(trajs, fields)
   flat = _flat_arrays(trajs, fields)
-  cfg = ml_collections.ConfigDict(dict(objective=objective, clip_eps=0.2))
+  cfg = train_config(objective=objective, clip_eps=0.2)
   if float(losses.pair_weights(flat).sum()) == 0:
     return
 
@@ -139,7 +139,7 @@ def test_registered_tree_loss_matches_reducer(model_and_params):
   trajs = [[1, 2, 3, 4, 5], [1, 2, 3, 9], [1, 2, 7, 7, 7, 7]]
   fields = dict(weight=[np.ones(len(t), np.float32) for t in trajs])
   _, tb = _tree_arrays(trajs, fields)
-  cfg = ml_collections.ConfigDict(dict(objective="nll"))
+  cfg = train_config(objective="nll")
   ctx = losses.LossContext(apply_fn=model.apply, config=cfg)
   for name, normalizer in (("tree", "token"), ("tree_sequence_mean", "sequence")):
     loss = losses.get_loss(name)
@@ -181,7 +181,7 @@ def test_chunked_output_head_equals_full_logits(model_and_params, data, chunk):
     np.testing.assert_allclose(np.asarray(fused[key])[valid], np.asarray(full[key])[valid],
                                atol=1e-5)
   np.testing.assert_allclose(fused["row_entropy"], full["row_entropy"], atol=1e-5)
-  cfg = ml_collections.ConfigDict(dict(objective="ppo", clip_eps=0.2))
+  cfg = train_config(objective="ppo", clip_eps=0.2)
   if float(losses.pair_weights(tb).sum()) == 0:
     return
 

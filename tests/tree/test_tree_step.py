@@ -11,6 +11,7 @@ from kat_jax.model import ModelConfig, Transformer, get_preset
 from kat_jax.train import losses, optimizer, state as state_lib, step as step_lib
 from kat_jax.tree import batch as tree_batch, build
 from kat_jax.tree.logprobs import batch_to_arrays
+from configs.base import train_config
 
 
 def _trees(cfg, n=8, seed=0):
@@ -32,9 +33,8 @@ def _step(mesh_cfg, devices, logits_chunk=0):
   mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_cfg), devices)
   rules = sharding.DEFAULT_RULES
   model = Transformer(cfg, mesh=mesh, rules=rules)
-  train_cfg = ml_collections.ConfigDict(dict(steps=10, warmup_steps=1, learning_rate=1e-3,
-                                             objective="ppo", clip_eps=0.2,
-                                             logits_chunk=logits_chunk))
+  train_cfg = train_config(steps=10, warmup_steps=1, learning_rate=1e-3, objective="ppo",
+                           clip_eps=0.2, logits_chunk=logits_chunk)
   tx, schedule = optimizer.make_optimizer(train_cfg)
   batch = _trees(cfg)
   example = {"inputs": jax.ShapeDtypeStruct(batch["tokens"].shape, np.int32)}

@@ -4,7 +4,7 @@ A template draws semantic parameters (constants, letters, words) and writes, for
 natural-language spec, a reference solution (source text) and an *independent* oracle (a Python
 callable) that computes the expected outputs — so "the reference passes its tests" is a real check.
 
-Levels (curriculum; RESEARCH.md §7 explains why level 0 must be so easy for a tiny model):
+Levels (curriculum; docs/DESIGN.md, "Background", explains why level 0 is so easy):
 
 * 0: function ``f``, arguments ``x``/``y``/``s``/``xs``/``d``, single-digit constants and inputs,
      specs of about 50 characters ("Write f(x) that returns x plus 3.").

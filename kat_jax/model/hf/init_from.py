@@ -22,16 +22,16 @@ from typing import Any, Optional
 
 import jax
 import ml_collections
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from kat_jax import checkpoint as checkpoint_lib
+from kat_jax import workdir as workdir_lib
 from kat_jax.model.hf import config as config_lib
 from kat_jax.model.hf import weights
 from kat_jax.model.presets import ModelConfig
 
 PARAMS_ONLY_FORMAT = "kat_jax.params_only.v1"
-MODEL_CONFIG_FILENAME = "model_config.json"
-HF_CONFIG_FILENAME = "hf_config.json"
-CHECKPOINTS_SUBDIR = "checkpoints"
 # Fields that must agree between config.model and the checkpoint's model for the params to mean
 # the same function (the dtypes, remat and attention implementation may differ).
 _FUNCTIONAL_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -51,7 +51,7 @@ def _split_step(path: str) -> tuple[str, Optional[int]]:
 
 
 def _checkpoints_dir(workdir: str) -> str:
-  sub = os.path.join(workdir, CHECKPOINTS_SUBDIR)
+  sub = workdir_lib.checkpoints_dir(workdir)
   return sub if os.path.isdir(sub) else workdir
 
 
@@ -59,8 +59,7 @@ def save_params_checkpoint(workdir: str, params: Any, model_config: ml_collectio
                            hf_config: Optional[dict] = None, source: str = "") -> str:
   """Writes a params-only checkpoint (step 0) plus ``model_config.json`` into ``workdir``; returns
   the checkpoint directory. Every process of a multi-host job must call it."""
-  from kat_jax.train import checkpoint as checkpoint_lib
-  ckpt_dir = os.path.join(workdir, CHECKPOINTS_SUBDIR)
+  ckpt_dir = workdir_lib.checkpoints_dir(workdir)
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, save_every=1, keep=1, async_save=False)
   if ckpt.latest_step() is not None:
     ckpt.close()
@@ -72,16 +71,16 @@ def save_params_checkpoint(workdir: str, params: Any, model_config: ml_collectio
   finally:
     ckpt.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, MODEL_CONFIG_FILENAME), "w") as f:
+    with open(workdir_lib.model_config_path(workdir), "w") as f:
       json.dump(model_config.to_dict(), f, indent=1)
     if hf_config is not None:
-      with open(os.path.join(workdir, HF_CONFIG_FILENAME), "w") as f:
+      with open(workdir_lib.hf_config_path(workdir), "w") as f:
         json.dump(hf_config, f, indent=1)
   return ckpt_dir
 
 
 def read_model_config(workdir: str) -> Optional[ml_collections.ConfigDict]:
-  path = os.path.join(workdir, MODEL_CONFIG_FILENAME)
+  path = workdir_lib.model_config_path(workdir)
   if not os.path.exists(path):
     return None
   with open(path) as f:
@@ -119,7 +118,26 @@ def restore_params(workdir: str, abstract: Optional[Any] = None, step: Optional[
         item=target, restore_args=restore_args, partial_restore=True)))
   finally:
     manager.close()
-  return restored.state["params"]
+  return _fill_missing(restored.state["params"], target["params"], f"{ckpt_dir}/{step}")
+
+
+# Parameters a kat_jax model may have that its source checkpoint lacks (a critic added for PPO to
+# an SFT checkpoint trained without one); filled with their initializer's value, zeros.
+ZERO_FILLED = ("value_head",)
+
+
+def _fill_missing(restored: Any, abstract: Any, where: str) -> Any:
+  """Partial restore leaves a ``ShapeDtypeStruct`` where the checkpoint has no array: zeros for
+  ``ZERO_FILLED`` params (sharded like the target), an error naming the param otherwise."""
+  def fill(path, leaf, target):
+    if not isinstance(leaf, jax.ShapeDtypeStruct):
+      return leaf
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if not name.split("/")[0] in ZERO_FILLED:
+      raise ValueError(f"parameter {name} of config.model is not in the checkpoint {where}: "
+                       "config.model differs from the checkpoint's model")
+    return jax.jit(lambda: jnp.zeros(target.shape, target.dtype), out_shardings=target.sharding)()
+  return jax.tree_util.tree_map_with_path(fill, restored, abstract)
 
 
 def check_same_model(model_cfg: ModelConfig, source_model_config: ml_collections.ConfigDict,
@@ -151,8 +169,8 @@ def init_params_from(path: str, abstract: Any, model_cfg: Optional[ModelConfig] 
     return weights.load_hf_params(path, abstract, hf_model_cfg=ModelConfig.from_config(hf_model))
   saved = read_model_config(path)
   if model_cfg is not None and saved is not None:
-    check_same_model(model_cfg, saved, f"{path}/{MODEL_CONFIG_FILENAME}")
+    check_same_model(model_cfg, saved, f"{path}/{workdir_lib.MODEL_CONFIG_FILENAME}")
   if not os.path.isdir(_checkpoints_dir(path)):
     raise FileNotFoundError(f"init_from={path!r} has neither config.json + *.safetensors nor "
-                            f"{CHECKPOINTS_SUBDIR}/")
+                            f"{workdir_lib.CHECKPOINTS}/")
   return restore_params(path, abstract, step)
