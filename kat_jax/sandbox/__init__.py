@@ -68,14 +68,47 @@ that leaves a thread running or calls ``sys.addaudithook`` fails every inline te
 ``canonicalize_results=False`` (objects allowed) the ``__eq__`` rows above are no longer defeated.
 CallTests are judged in the judge process in both modes.
 
+Directory jobs (``directory.DirectoryJob``): the program is a tree of files (a package, its
+modules), written into the program's private tmpfs and imported there; tests are pytest-style ids
+(``tests/test_mod.py::test_fn``, ``...::TestX::test_y``) run by a stdlib runner (``testrun``).
+In ``"proxy"`` mode the trusted ``test_files`` run in the judge, against proxies of the program's
+modules (attributes and calls cross as plain data); they never exist in the program's process or
+file system. ``"inline"`` mode runs the program's own test files in its own process: feedback
+only, never a reward. What the directory modes defeat:
+
+====================================================  ===========  ===========================
+trick (directory jobs)                                proxy mode   inline mode
+====================================================  ===========  ===========================
+printing "PASSED" / fake judge events, writing fake   defeated     defeated (random per-test
+replies on every descriptor                                        nonce)
+``os._exit(0)`` / ``sys.exit(0)`` in a module at      defeated     defeated
+import or in a call, an infinite loop (wall time)
+conftest.py / tests/__init__.py / edited or deleted   defeated     NOT defeated: they are the
+test files among the program's files                  (ignored)    tests that run
+rewriting or deleting the test files on disk during   defeated     NOT defeated
+import; reading the tests' expected values from disk  (not there)
+monkeypatching unittest / builtins / the harness      defeated     NOT defeated
+objects with a custom ``__eq__`` / int subclasses     defeated     NOT defeated
+a program module shadowing a stdlib module            defeated     its own business
+(``colorsys.py``) that a test imports                 (judge uses
+                                                      the stdlib)
+misreporting ``Result.modules`` (which modules        NOT defeated: the program process reports
+imported) from another module of the program          it; verdicts are unaffected
+====================================================  ===========  ===========================
+
+Proxy mode's price: test code must be standard-library only and pass / receive only plain data
+(no program objects, callbacks or instances cross); an object of the program a test holds is a
+reference that supports only attribute reads and calls.
+
 Programs run on the standard library only (``python -I -S``; the zygote preloads common modules).
 ``Isolation.readonly_paths`` adds host directories to the private root (read-only), e.g. a
 package directory that setup or program code then puts on ``sys.path``. Aggregate memory of a job
 is bounded by ``Limits.max_processes × Limits.memory_bytes`` (rlimits are per process).
 """
+from kat_jax.sandbox.directory import DirectoryJob
 from kat_jax.sandbox.job import (CallTest, CodeTest, Isolation, Job, Limits, Result,
                                  TestOutcome)
 from kat_jax.sandbox.pool import PoolStats, SandboxPool, default_readonly_paths, run_job
 
-__all__ = ["CallTest", "CodeTest", "Isolation", "Job", "Limits", "PoolStats", "Result",
-           "SandboxPool", "TestOutcome", "default_readonly_paths", "run_job"]
+__all__ = ["CallTest", "CodeTest", "DirectoryJob", "Isolation", "Job", "Limits", "PoolStats",
+           "Result", "SandboxPool", "TestOutcome", "default_readonly_paths", "run_job"]

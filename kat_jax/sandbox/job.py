@@ -107,6 +107,10 @@ class Job:
       if not isinstance(test, (CodeTest, CallTest)):
         raise TypeError(f"Job.tests must hold CodeTest / CallTest, got {test!r}")
 
+  @property
+  def test_names(self) -> tuple[str, ...]:
+    return tuple(test.name for test in self.tests)
+
 
 def encode_tests(job: Job) -> list[dict]:
   """The judge's view of ``job.tests`` (CallTest values encoded with the codec)."""
@@ -163,6 +167,9 @@ class Result:
   program_cpu_seconds: float = 0.0
   program_max_rss_kb: int = 0
   isolation: dict = dataclasses.field(default_factory=dict)
+  # DirectoryJob: each module imported at load -> None, or the "Type: message" it raised; a
+  # module missing here was never imported (the load did not finish).
+  modules: dict = dataclasses.field(default_factory=dict)
 
   @property
   def passed(self) -> bool:

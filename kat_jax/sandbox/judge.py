@@ -18,6 +18,9 @@ proxy-mode CodeTest executed here, against proxies, to its end; an inline CodeTe
 with the random nonce the judge sent for that test only. Exit statuses and printed output are
 never consulted. A wall-clock alarm bounds the whole job; on expiry, or once the tests are done,
 the program process (pid 1 of its namespace, so all it started) is killed.
+
+A ``DirectoryJob`` (``"kind": "directory"`` in the first message) runs the same way, with
+``directory_program`` serving in the program process and ``directory_judge`` judging here.
 """
 import builtins
 import json
@@ -31,6 +34,7 @@ import traceback
 
 from kat_jax.sandbox import codec
 from kat_jax.sandbox import confine
+from kat_jax.sandbox import directory_program
 from kat_jax.sandbox import program as program_side
 
 _SPEC_BYTES = 256 << 20
@@ -324,7 +328,9 @@ def _start_program(spec: dict, layout: dict) -> tuple[int, int, int]:
                               workdir=layout["workdir"])
       os.environ.clear()
       os.environ.update(confine.scrubbed_environment(layout["workdir"]))
-      program_side.serve(spec)
+      # Imported before the fork: the confined program process cannot import from the repository.
+      serve = directory_program.serve if spec.get("kind") == "directory" else program_side.serve
+      serve(spec)
       status = 0
     except BaseException:  # noqa: BLE001
       try:
@@ -346,6 +352,10 @@ def _max_fd() -> int:
 
 
 def _run_tests(state: _State) -> None:
+  if state.spec.get("kind") == "directory":
+    from kat_jax.sandbox import directory_judge  # noqa: PLC0415 - it imports this module
+    directory_judge.run_tests(state)
+    return
   spec, program = state.spec, state.program
   tests_msg = codec.read_message(0, _SPEC_BYTES)
   setup, state.tests = tests_msg["setup"], tests_msg["tests"]

@@ -33,6 +33,7 @@ import time
 from typing import Iterable, Optional
 
 from kat_jax.sandbox import confine
+from kat_jax.sandbox import directory
 from kat_jax.sandbox.job import Isolation, Job, Limits, Result, TestOutcome, encode_tests
 
 log = logging.getLogger(__name__)
@@ -230,19 +231,23 @@ class SandboxPool:
     start = time.perf_counter()
     limits = job.limits or self.limits
     uid = _UID_BASE + secrets.randbelow(_UID_SPAN)
-    try:
-      tests = encode_tests(job)
-    except ValueError as error:
-      return _failed_result(job, "harness_error", str(error), 0.0)
-    spec = {
-        "job_id": job.job_id, "program": job.program, "module_name": job.module_name,
-        "mode": job.mode, "exports": list(job.exports), "canonicalize": job.canonicalize_results,
-        "limits": dataclasses.asdict(limits), "uid": uid,
-        "isolation": {"namespaces": self.isolation.namespaces,
-                      "drop_privileges": self.isolation.drop_privileges},
-        "readonly_paths": list(self.readonly_paths),
-    }
-    payload = _frame(spec) + _frame({"setup": job.setup, "tests": tests})
+    if isinstance(job, directory.DirectoryJob):
+      spec, tests_message = directory.job_messages(job, limits)
+    else:
+      try:
+        tests = encode_tests(job)
+      except ValueError as error:
+        return _failed_result(job, "harness_error", str(error), 0.0)
+      spec = {
+          "job_id": job.job_id, "program": job.program, "module_name": job.module_name,
+          "mode": job.mode, "exports": list(job.exports),
+          "canonicalize": job.canonicalize_results, "limits": dataclasses.asdict(limits),
+      }
+      tests_message = {"setup": job.setup, "tests": tests}
+    spec.update(uid=uid, readonly_paths=list(self.readonly_paths),
+                isolation={"namespaces": self.isolation.namespaces,
+                           "drop_privileges": self.isolation.drop_privileges})
+    payload = _frame(spec) + _frame(tests_message)
 
     job_in_r, job_in_w = os.pipe()
     events_r, events_w = os.pipe()
@@ -434,10 +439,11 @@ class _JobIO:
 
 def _assemble(job: Job, io: _JobIO, host_reason: Optional[str], seconds: float) -> Result:
   outcomes = {}
+  names = job.test_names
   for event in io.events_of("test"):
     index = event.get("index")
-    if isinstance(index, int) and 0 <= index < len(job.tests):
-      outcomes[index] = TestOutcome(name=job.tests[index].name, passed=event.get("passed") is True,
+    if isinstance(index, int) and 0 <= index < len(names):
+      outcomes[index] = TestOutcome(name=names[index], passed=event.get("passed") is True,
                                     error_type=event.get("error_type"), error=event.get("error"),
                                     seconds=float(event.get("seconds") or 0.0))
   start = (io.events_of("start") or [{}])[0]
@@ -459,9 +465,9 @@ def _assemble(job: Job, io: _JobIO, host_reason: Optional[str], seconds: float) 
     harness_error = "the judge exited without a verdict: " + bytes(io.diag[-2000:]).decode(
         "utf-8", errors="replace")
     missing = "not run: the judge exited without a verdict"
-  tests = tuple(outcomes.get(index) or TestOutcome(name=test.name, passed=False,
+  tests = tuple(outcomes.get(index) or TestOutcome(name=name, passed=False,
                                                    error_type="NotRun", error=missing)
-                for index, test in enumerate(job.tests))
+                for index, name in enumerate(names))
   if host_reason == "output":
     tests = tuple(t if t.passed or t.error_type != "ProgramDied" else dataclasses.replace(
         t, error_type="NotRun", error=missing) for t in tests)
@@ -476,13 +482,14 @@ def _assemble(job: Job, io: _JobIO, host_reason: Optional[str], seconds: float) 
       load_seconds=float(loaded.get("seconds") or 0.0),
       program_cpu_seconds=float(end.get("cpu_s") or 0.0),
       program_max_rss_kb=int(end.get("max_rss_kb") or 0),
-      isolation=start.get("isolation") or {})
+      isolation=start.get("isolation") or {},
+      modules=loaded.get("modules") if isinstance(loaded.get("modules"), dict) else {})
 
 
 def _failed_result(job: Job, status: str, why: str, seconds: float) -> Result:
   return Result(job_id=job.job_id, status=status, harness_error=why, wall_seconds=seconds,
-                tests=tuple(TestOutcome(name=t.name, passed=False, error_type="NotRun",
-                                        error=why) for t in job.tests))
+                tests=tuple(TestOutcome(name=name, passed=False, error_type="NotRun",
+                                        error=why) for name in job.test_names))
 
 
 def run_job(job: Job, limits: Optional[Limits] = None,

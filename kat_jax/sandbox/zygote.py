@@ -22,6 +22,7 @@ import sys
 import traceback
 
 from kat_jax.sandbox import confine
+from kat_jax.sandbox import directory_judge  # noqa: F401 - preloaded for directory jobs
 from kat_jax.sandbox import judge
 
 # Standard modules that generated code commonly imports: loading them once here makes them free
