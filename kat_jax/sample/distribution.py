@@ -6,6 +6,7 @@ row) and a static ``SamplingConfig``::
     logprobs_bv = sampling_log_probs(logits_bv, config)   # log pi(v); -inf outside the allowed set
     token_b = sample_tokens(keys_b, logits_bv, logprobs_bv, config)
     entropy_b = entropy(logprobs_bv)
+    policy_bv = policy_log_probs(logits_bv)               # log p(v): the model itself, T = 1
 
 **Which distribution.** ``pi`` is the distribution tokens are actually drawn from:
 ``softmax(logits / temperature)`` restricted to the allowed set and renormalized, where the allowed
@@ -18,6 +19,13 @@ decoding (``temperature == 0``) takes the argmax of the raw logits (below ``voca
 point mass would carry no information, so for greedy the reported log-probs and entropies are
 those of ``pi`` at temperature 1 (with the same top-k/top-p filtering) — with no filtering that is
 the model's own ``log_softmax(logits)``.
+
+**Which policy.** ``p = softmax(logits)`` over the whole vocabulary — no temperature, top-k, top-p
+or ``vocab_limit`` — is the model's own distribution, the one a trainer's forward pass scores
+(``log_softmax`` of the same logits, as in ``kat_jax.train.losses``). The sampler records
+``log p(token)`` beside ``log pi(token)``: ``p`` is the PPO / importance-ratio ``old_logp`` of the
+behaviour policy whatever ``pi`` the tokens were drawn from; ``pi`` is what the draw actually
+followed (``pi == p`` only at temperature 1 with no filtering).
 """
 from __future__ import annotations
 
@@ -101,6 +109,11 @@ def filtered_logits(logits_bv: jax.Array, config: SamplingConfig) -> jax.Array:
 def sampling_log_probs(logits_bv: jax.Array, config: SamplingConfig) -> jax.Array:
   """log pi(v) for every token v: [B, V] float32, -inf outside the allowed set."""
   return jax.nn.log_softmax(filtered_logits(logits_bv, config), axis=-1)
+
+
+def policy_log_probs(logits_bv: jax.Array) -> jax.Array:
+  """log p(v) of the model's own distribution at temperature 1 over every id: [B, V] float32."""
+  return jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
 
 
 def entropy(logprobs_bv: jax.Array) -> jax.Array:

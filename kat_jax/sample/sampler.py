@@ -5,7 +5,7 @@
                            SamplingConfig(temperature=0.8, top_p=0.95, max_new_tokens=128,
                                           stop_token_ids=(im_end,), stop_strings=("</tool_call>",)),
                            tokenizer=tok)
-    out.tokens[i, :out.lengths[i]], out.logprobs, out.entropies, out.finish_reason[i], out.texts[i]
+    out.tokens[i, :out.lengths[i]], out.logprobs, out.logprobs_policy, out.finish_reason[i], ...
 
 Prompts of different lengths go in one batch (left-aligned, see ``decode``). With a mesh the batch
 is sharded over data×fsdp (padded with inactive rows to a multiple of that) and the parameters
@@ -25,6 +25,33 @@ pieces); the cost is up to ``stop_check_every - 1`` wasted decode steps per row 
 host round trip per chunk. Without stop strings the whole loop is one device call. The stop token
 or the token completing a stop string is kept in the output (RL trains on it); ``texts`` are cut
 after that token, so they end with the stop string plus whatever else that last token decodes to.
+
+**Multi-turn** (an agent loop): every row's cache is kept between turns, each row's observation is
+appended to it in one chunked forward pass, and the history is never prefilled twice::
+
+    episode = sampler.start_episode(prompts, rng)                # prefill
+    episode, out = sampler.generate_turn(episode, config, tok)   # turn 0: SampleOutput
+    episode = sampler.extend(episode, [obs_ids_0, None, []])     # None: row 1's episode is over
+    episode, out = sampler.generate_turn(episode, config, tok)   # turn 1, continuing each row
+    children = sampler.fork(episode, [0, 0, 0, 2], rng)          # copies of rows' caches
+    episode.contexts[i]                                          # every token id in row i's cache
+
+Each call but ``fork`` consumes the ``Episode`` it is given (its device buffers are donated):
+keep only the returned one. Rows finish independently: a row whose episode ended (``None`` in
+``extend``, or a full cache) finishes every later turn at once with ``finish_reason`` "inactive" or
+"max_len" and no tokens. It stays in the dense batch, masked out (it writes nowhere visible and
+its outputs stop changing) — it still costs its share of each decode step; ``fork`` with the
+running rows compacts the batch (a new batch size compiles new programs). An observation that
+would not fit — the row's context plus it plus one generated token over ``max_len`` — is not
+appended; the row ends with "max_len" (never an error). ``extend`` pads the chunk to the next
+power of two >= ``extend_bucket`` tokens, so observation lengths within a bucket share one
+program. Turn 0 of an episode draws exactly as ``generate`` with the same ``rng``; turn t >= 1
+uses keys of ``decode.turn_keys``.
+
+**Log-probs.** ``logprobs`` / ``entropies`` are those of the sampling distribution ``pi``
+(temperature, top-k, top-p); ``logprobs_policy`` / ``entropies_policy`` those of the model's own
+distribution at temperature 1 over the whole vocabulary — the PPO ``old_logp`` of the behaviour
+policy whatever ``pi`` was (see ``distribution``).
 """
 from __future__ import annotations
 
@@ -48,12 +75,39 @@ class SampleOutput:
   tokens: np.ndarray          # int32 [B, N]
   logprobs: np.ndarray        # float32 [B, N]: log pi(token), pi = the sampling distribution
   entropies: np.ndarray       # float32 [B, N]: entropy of pi (nats)
+  logprobs_policy: np.ndarray   # float32 [B, N]: log p(token), p = softmax(logits) at T = 1
+  entropies_policy: np.ndarray  # float32 [B, N]: entropy of p (nats)
   lengths: np.ndarray         # int32 [B]: generated tokens, stop token included
-  finish_reason: list        # per row: stop_token | stop_string | length | max_len
+  finish_reason: list        # per row: stop_token | stop_string | length | max_len | inactive
   texts: Optional[list] = None  # decoded tokens[:lengths] when a tokenizer was given
 
   def token_lists(self) -> list[list[int]]:
     return [self.tokens[i, :n].tolist() for i, n in enumerate(self.lengths)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Episode:
+  """A multi-turn generation in progress (``Sampler.start_episode``): the device decode state and
+  the host's record of each row. Every ``Sampler`` call but ``fork`` consumes ``state`` (donated):
+  keep only the returned ``Episode``."""
+  state: decode.DecodeState   # device; padded rows past num_rows are INACTIVE
+  base_keys: jax.Array        # PRNG keys [padded rows]: turn t draws with turn_keys(base, t)
+  contexts: tuple             # per row: int32 numpy array of every token id in its cache, in order
+  end_reasons: tuple          # per row: None while its episode runs, else "inactive" | "max_len"
+  turn: int                   # turns generated so far
+
+  @property
+  def num_rows(self) -> int:
+    return len(self.contexts)
+
+  @property
+  def context_lengths(self) -> np.ndarray:
+    return np.array([len(c) for c in self.contexts], np.int64)
+
+  @property
+  def running(self) -> np.ndarray:
+    """bool [num_rows]: rows whose episode goes on."""
+    return np.array([r is None for r in self.end_reasons], np.bool_)
 
 
 def cut_at_stop_string(text: str, stop_strings: Sequence[str], keep: bool = False) -> str:
@@ -96,13 +150,16 @@ class Sampler:
   multiple of ``prefill_bucket`` and output buffers to a multiple of ``output_bucket`` tokens, and
   stop ids and ``max_new_tokens`` are traced, so varied prompts and limits share compiled
   programs: one decode program per (batch, prompt bucket, output bucket, temperature/top-k/top-p).
+  Appended chunks (``extend``) are padded to the next power of two >= ``extend_bucket`` tokens.
   """
 
   def __init__(self, model, params: Any, *, max_len: int, mesh=None, rules=None,
-               prefill_bucket: int = 64, output_bucket: int = 64):
+               prefill_bucket: int = 64, output_bucket: int = 64, extend_bucket: int = 32):
     if max_len < 2:
       raise ValueError(f"max_len={max_len}: need at least 2 cache slots (a prompt token and one "
                        "generated token)")
+    if extend_bucket < 1:
+      raise ValueError(f"extend_bucket={extend_bucket} must be >= 1 (the smallest chunk width)")
     mesh = mesh if mesh is not None else model.mesh
     rules = rules if rules is not None else model.rules
     if mesh is not model.mesh or tuple(rules) != tuple(model.rules):
@@ -111,15 +168,27 @@ class Sampler:
     self.mesh, self.rules = mesh, rules
     self.prefill_bucket = int(prefill_bucket)
     self.output_bucket = int(output_bucket)
+    self.extend_bucket = int(extend_bucket)
     self._prefill = jax.jit(functools.partial(decode.prefill, model),
                             static_argnames=("max_len", "max_new_tokens"))
     self._decode = jax.jit(functools.partial(decode.decode_steps, model),
                            static_argnames=("config", "max_len"), donate_argnames=("state",))
+    self._begin_turn = jax.jit(functools.partial(decode.begin_turn, model),
+                               static_argnames=("max_new_tokens",), donate_argnames=("state",))
+    self._extend = jax.jit(functools.partial(decode.extend, model),
+                           static_argnames=("max_len",), donate_argnames=("state",))
+    self._truncate = jax.jit(functools.partial(decode.truncate_turn, model),
+                             static_argnames=("max_len",), donate_argnames=("state",))
+    self._gather = jax.jit(functools.partial(decode.gather_rows, model))
 
   def _put(self, x: np.ndarray) -> jax.Array:
     if self.mesh is None:
       return jnp.asarray(x)
     return jax.device_put(x, sharding_lib.batch_sharding(self.mesh, self.rules, x.ndim))
+
+  def _padded(self, batch: int) -> int:
+    shards = 1 if self.mesh is None else _batch_shards(self.mesh, self.rules)
+    return math.ceil(batch / shards) * shards
 
   def _row_keys(self, rng: jax.Array, batch: int, padded: int) -> jax.Array:
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
@@ -136,19 +205,27 @@ class Sampler:
       keys = jax.device_put(keys, sharding_lib.batch_sharding(self.mesh, self.rules, 1))
     return keys
 
+  def _output_buffer(self, config: SamplingConfig) -> int:
+    return math.ceil(config.max_new_tokens / self.output_bucket) * self.output_bucket
+
   def start(self, prompts: Sequence[Sequence[int]], rng: jax.Array, config: SamplingConfig
             ) -> decode.DecodeState:
     """Validates and pads the prompts and runs the prefill; returns the device decode state."""
     if not prompts:
       raise ValueError("generate() needs at least one prompt")
+    return self._prefill_prompts(prompts, self._row_keys(rng, len(prompts),
+                                                         self._padded(len(prompts))),
+                                 self._output_buffer(config), config.max_new_tokens)
+
+  def _prefill_prompts(self, prompts, row_keys: jax.Array, buffer: int, max_new: int
+                       ) -> decode.DecodeState:
     lengths = [len(p) for p in prompts]
     for i, n in enumerate(lengths):
       if not 1 <= n < self.max_len:
         raise ValueError(f"prompt {i} has {n} tokens: need 1 <= length < max_len={self.max_len} "
                          "(raise Sampler max_len or shorten the prompt)")
     batch = len(prompts)
-    shards = 1 if self.mesh is None else _batch_shards(self.mesh, self.rules)
-    padded = math.ceil(batch / shards) * shards
+    padded = self._padded(batch)
     width = min(math.ceil(max(lengths) / self.prefill_bucket) * self.prefill_bucket, self.max_len)
     tokens = np.zeros((padded, width), np.int32)
     for i, p in enumerate(prompts):
@@ -156,15 +233,11 @@ class Sampler:
     prompt_lengths = np.ones((padded,), np.int32)
     prompt_lengths[:batch] = lengths
     active = np.arange(padded) < batch
-    buffer = math.ceil(config.max_new_tokens / self.output_bucket) * self.output_bucket
-    return self._prefill(self.params, self._put(tokens), self._put(prompt_lengths),
-                         self._row_keys(rng, batch, padded), self._put(active),
-                         max_len=self.max_len, max_new_tokens=buffer,
-                         max_new=config.max_new_tokens)
+    return self._prefill(self.params, self._put(tokens), self._put(prompt_lengths), row_keys,
+                         self._put(active), max_len=self.max_len, max_new_tokens=buffer,
+                         max_new=max_new)
 
-  def generate(self, prompts: Sequence[Sequence[int]], rng: jax.Array, config: SamplingConfig,
-               tokenizer=None) -> SampleOutput:
-    """Samples a continuation of every prompt (lists of token ids); see the module docstring."""
+  def _check_tokenizer(self, config: SamplingConfig, tokenizer) -> None:
     if config.stop_strings and tokenizer is None:
       raise ValueError(f"stop_strings={config.stop_strings!r} need a tokenizer to decode the "
                        "generated tokens: pass tokenizer=")
@@ -175,8 +248,19 @@ class Sampler:
           f"the tokenizer has {tok_vocab} ids but the model samples from "
           f"{self.model.cfg.vocab_size}: ids >= {tok_vocab} could not be decoded; set "
           f"SamplingConfig(vocab_limit={tok_vocab})")
-    batch = len(prompts)
+
+  def generate(self, prompts: Sequence[Sequence[int]], rng: jax.Array, config: SamplingConfig,
+               tokenizer=None) -> SampleOutput:
+    """Samples a continuation of every prompt (lists of token ids); see the module docstring."""
+    self._check_tokenizer(config, tokenizer)
     state = self.start(prompts, rng, config)
+    _, out, _ = self._decode_turn(state, len(prompts), config, tokenizer)
+    return out
+
+  def _decode_turn(self, state: decode.DecodeState, batch: int, config: SamplingConfig,
+                   tokenizer) -> tuple[decode.DecodeState, SampleOutput, dict]:
+    """Runs the decode loop of one turn to its end (stop strings checked on the host); returns
+    the state, the first ``batch`` rows' outputs, and {row: tokens kept} for stop-string cuts."""
     stop_now = self._put(np.zeros(state.done_b.shape, np.bool_))
     # Traced stop ids, padded with -1 to a multiple of 8 (few distinct shapes); the static part of
     # the config is the distribution alone.
@@ -209,11 +293,12 @@ class Sampler:
         if np.all(done[:batch] | hit[:batch]):
           break
         stop_now = self._put(hit)
-    tokens, logprobs, entropies, generated, finish = jax.device_get(
-        (state.tokens_bn, state.logprobs_bn, state.entropies_bn, state.num_generated_b,
-         state.finish_b))
+    fields = ("tokens_bn", "logprobs_bn", "entropies_bn", "logprobs_policy_bn",
+              "entropies_policy_bn")
+    arrays, generated, finish = jax.device_get(
+        ([getattr(state, f) for f in fields], state.num_generated_b, state.finish_b))
     n = config.max_new_tokens
-    tokens, logprobs, entropies = (np.array(a[:batch, :n]) for a in (tokens, logprobs, entropies))
+    arrays = [np.array(a[:batch, :n]) for a in arrays]
     lengths = np.array(generated[:batch], np.int32)
     reasons = [decode.FINISH_NAMES[int(c)] for c in finish[:batch]]
     for row, k in cut.items():
@@ -221,11 +306,140 @@ class Sampler:
       if not (k == lengths[row] and reasons[row] == "stop_token"):
         reasons[row] = "stop_string"
       lengths[row] = k
-    columns = np.arange(tokens.shape[1])[None, :]
-    beyond = columns >= lengths[:, None]
-    tokens[beyond], logprobs[beyond], entropies[beyond] = 0, 0.0, 0.0
+    beyond = np.arange(arrays[0].shape[1])[None, :] >= lengths[:, None]
+    for a in arrays:
+      a[beyond] = 0
+    tokens, logprobs, entropies, logprobs_policy, entropies_policy = arrays
     texts = None
     if tokenizer is not None:
       texts = [tokenizer.decode(tokens[i, :lengths[i]].tolist()) for i in range(batch)]
-    return SampleOutput(tokens=tokens, logprobs=logprobs, entropies=entropies, lengths=lengths,
-                        finish_reason=reasons, texts=texts)
+    out = SampleOutput(tokens=tokens, logprobs=logprobs, entropies=entropies,
+                       logprobs_policy=logprobs_policy, entropies_policy=entropies_policy,
+                       lengths=lengths, finish_reason=reasons, texts=texts)
+    return state, out, {row: k for row, k in cut.items() if k < generated[row]}
+
+  # ---- Multi-turn episodes (see the module docstring).
+
+  def start_episode(self, prompts: Sequence[Sequence[int]], rng: jax.Array) -> Episode:
+    """Prefills every prompt (lists of token ids); ``rng`` is one key (row i: ``fold_in(rng, i)``)
+    or one key per prompt, as in ``generate``."""
+    if not prompts:
+      raise ValueError("start_episode() needs at least one prompt")
+    batch = len(prompts)
+    padded = self._padded(batch)
+    # Two equal arrays: the state's copy is donated by the first turn, the base keys never are.
+    state = self._prefill_prompts(prompts, self._row_keys(rng, batch, padded),
+                                  self.output_bucket, self.output_bucket)
+    contexts = tuple(np.asarray(p, np.int32).reshape(-1) for p in prompts)
+    return Episode(state=state, base_keys=self._row_keys(rng, batch, padded), contexts=contexts,
+                   end_reasons=(None,) * batch, turn=0)
+
+  def generate_turn(self, episode: Episode, config: SamplingConfig, tokenizer=None
+                    ) -> tuple[Episode, SampleOutput]:
+    """Generates the next turn of every running row, continuing its cache; returns the episode
+    after it and the turn's ``SampleOutput`` (rows whose episode ended: no tokens, finish reason
+    "inactive" or "max_len"). Stop strings work as in ``generate``; a row cut at one continues
+    after its last kept token."""
+    self._check_tokenizer(config, tokenizer)
+    state = self._begin_turn(episode.state, episode.base_keys, episode.turn,
+                             config.max_new_tokens,
+                             max_new_tokens=self._output_buffer(config))
+    state, out, cut = self._decode_turn(state, episode.num_rows, config, tokenizer)
+    if cut:
+      keep = np.zeros(state.lengths_b.shape, np.int32)
+      for row, k in cut.items():
+        keep[row] = k
+      state = self._truncate(self.params, state, self._put(keep), max_len=self.max_len)
+    contexts, reasons = [], []
+    for i, (context, reason) in enumerate(zip(episode.contexts, episode.end_reasons)):
+      context = np.concatenate([context, out.tokens[i, :out.lengths[i]].astype(np.int32)])
+      if reason is None and len(context) >= self.max_len:
+        reason = "max_len"
+      contexts.append(context)
+      reasons.append(reason)
+    return dataclasses.replace(episode, state=state, contexts=tuple(contexts),
+                               end_reasons=tuple(reasons), turn=episode.turn + 1), out
+
+  def _chunk_width(self, longest: int) -> int:
+    width = max(self.extend_bucket, 1 << max(longest - 1, 0).bit_length())
+    return min(width, self.max_len)
+
+  def extend(self, episode: Episode, new_tokens: Sequence[Optional[Sequence[int]]]) -> Episode:
+    """Appends ``new_tokens[i]`` (token ids, e.g. a rendered tool result; may be empty) to row
+    i's cache, in one forward pass over a chunk padded to a power-of-two bucket; ``None`` ends
+    row i's episode. A row whose context plus its tokens plus one generated token would exceed
+    ``max_len`` is not extended and ends with "max_len". Rows that ended before take ``None`` or
+    nothing (tokens for a row ended by ``None`` are an error; for a full row they are dropped)."""
+    if len(new_tokens) != episode.num_rows:
+      raise ValueError(f"extend() got {len(new_tokens)} token lists for an episode of "
+                       f"{episode.num_rows} rows: pass one per row (None ends a row's episode)")
+    vocab = self.model.cfg.vocab_size
+    contexts, reasons, chunks, ends = [], [], [], []
+    for i, (tokens, context, reason) in enumerate(
+        zip(new_tokens, episode.contexts, episode.end_reasons)):
+      chunk = np.zeros((0,), np.int32)
+      if tokens is None:
+        if reason is None:
+          reason = "inactive"
+          ends.append(i)
+      else:
+        chunk = np.asarray(tokens)
+        if chunk.size == 0:
+          chunk = np.zeros((0,), np.int32)
+        elif chunk.ndim != 1 or not np.issubdtype(chunk.dtype, np.integer):
+          raise ValueError(f"new_tokens[{i}] must be a flat sequence of token ids, got an array "
+                           f"of shape {chunk.shape} and dtype {chunk.dtype}")
+        elif chunk.min() < 0 or chunk.max() >= vocab:
+          raise ValueError(f"new_tokens[{i}] holds ids outside [0, {vocab}) (the model's "
+                           f"vocabulary): {chunk[(chunk < 0) | (chunk >= vocab)][:5].tolist()}")
+        if reason == "inactive" and len(chunk):
+          raise ValueError(f"row {i}'s episode was ended (None in an earlier extend()): pass None "
+                           f"for it, not {len(chunk)} tokens")
+        if reason is None and len(context) + len(chunk) > self.max_len - 1:
+          reason = "max_len"         # does not fit with one generated token: not appended
+        if reason is not None:
+          chunk = np.zeros((0,), np.int32)
+      contexts.append(np.concatenate([context, chunk.astype(np.int32)]))
+      reasons.append(reason)
+      chunks.append(chunk)
+    padded = episode.state.lengths_b.shape[0]
+    width = self._chunk_width(max(len(c) for c in chunks))
+    tokens_bc = np.zeros((padded, width), np.int32)
+    num_b = np.zeros((padded,), np.int32)
+    end_b = np.full((padded,), decode.RUNNING, np.int32)
+    for i, chunk in enumerate(chunks):
+      tokens_bc[i, :len(chunk)] = chunk
+      num_b[i] = len(chunk)
+      if reasons[i] is not None and episode.end_reasons[i] is None:
+        end_b[i] = decode.INACTIVE if i in ends else decode.MAX_LEN
+    state = self._extend(self.params, episode.state, self._put(tokens_bc), self._put(num_b),
+                         self._put(end_b), max_len=self.max_len)
+    return dataclasses.replace(episode, state=state, contexts=tuple(contexts),
+                               end_reasons=tuple(reasons))
+
+  def fork(self, episode: Episode, rows: Sequence[int], rng: Optional[jax.Array] = None
+           ) -> Episode:
+    """A new episode whose row j copies ``episode``'s row ``rows[j]`` (repeats allowed): its
+    cache, next-token logits, context and turn count, gathered on device — a shared prefix is
+    never recomputed. Without ``rng`` a copy keeps its source's keys and decodes exactly as the
+    source would; with ``rng`` (one key: copy j gets ``fold_in(rng, j)``, or one key per copy)
+    the copies draw from their own keys from the next turn on. ``episode`` stays usable."""
+    rows = [int(r) for r in rows]
+    if not rows or min(rows) < 0 or max(rows) >= episode.num_rows:
+      raise ValueError(f"fork() rows {rows[:8]}{'...' if len(rows) > 8 else ''} must be a "
+                       f"non-empty list of row indices in [0, {episode.num_rows})")
+    n = len(rows)
+    padded = self._padded(n)
+    index = np.zeros((padded,), np.int32)
+    index[:n] = rows
+    state = self._gather(episode.state, self._put(index), self._put(np.arange(padded) < n))
+    if rng is None:
+      base_keys = jnp.take(episode.base_keys, jnp.asarray(index), axis=0)
+      if self.mesh is not None:
+        base_keys = jax.device_put(base_keys,
+                                   sharding_lib.batch_sharding(self.mesh, self.rules, 1))
+    else:
+      base_keys = self._row_keys(rng, n, padded)
+    return Episode(state=state, base_keys=base_keys,
+                   contexts=tuple(episode.contexts[r] for r in rows),
+                   end_reasons=tuple(episode.end_reasons[r] for r in rows), turn=episode.turn)
