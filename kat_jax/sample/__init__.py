@@ -10,9 +10,9 @@ sharding, stop strings, results as numpy).
 """
 from kat_jax.sample.decode import DecodeState, decode_steps, generate_ids, prefill
 from kat_jax.sample.distribution import (SamplingConfig, entropy, filtered_logits,
-                                         sample_tokens, sampling_log_probs)
-from kat_jax.sample.sampler import SampleOutput, Sampler, cut_at_stop_string
+                                         policy_log_probs, sample_tokens, sampling_log_probs)
+from kat_jax.sample.sampler import Episode, SampleOutput, Sampler, cut_at_stop_string
 
-__all__ = ["DecodeState", "SampleOutput", "Sampler", "SamplingConfig", "cut_at_stop_string",
-           "decode_steps", "entropy", "filtered_logits", "generate_ids", "prefill",
-           "sample_tokens", "sampling_log_probs"]
+__all__ = ["DecodeState", "Episode", "SampleOutput", "Sampler", "SamplingConfig",
+           "cut_at_stop_string", "decode_steps", "entropy", "filtered_logits", "generate_ids",
+           "policy_log_probs", "prefill", "sample_tokens", "sampling_log_probs"]
