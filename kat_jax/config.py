@@ -23,10 +23,6 @@ def require(cfg: ml_collections.ConfigDict, path: str):
   return node
 
 
-# Tree-loss objectives (kat_jax.train.losses.policy_pair_loss).
-OBJECTIVES = ("nll", "ppo")
-
-
 def _positive(train, fields) -> None:
   for field in fields:
     if train[field] <= 0:
@@ -67,15 +63,30 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
 
 
 def _validate_objective(train, model) -> None:
-  if train.objective not in OBJECTIVES:
-    raise ConfigError(f"config.train.objective={train.objective!r} is not one of "
-                      f"{list(OBJECTIVES)}")
-  if train.clip_eps < 0 or (train.clip_eps_high < 0 and train.clip_eps_high != -1):
-    raise ConfigError(f"config.train.clip_eps={train.clip_eps} and clip_eps_high="
-                      f"{train.clip_eps_high} must be >= 0 (clip_eps_high=-1: same as clip_eps)")
-  for field in ("kl_coef", "value_coef", "entropy_coef"):
+  """The tree losses' objective, KL, value and aggregation knobs (names from the registries of
+  kat_jax.train.objectives and kat_jax.train.losses)."""
+  from kat_jax.train import losses, objectives  # local: the loss modules import jax
+  for field, known in (("objective", objectives.names()),
+                       ("kl_estimator", sorted(objectives.KL_ESTIMATORS)),
+                       ("loss_agg", sorted(losses.AGGREGATIONS))):
+    if train[field] not in known:
+      raise ConfigError(f"config.train.{field}={train[field]!r} is not one of {known}")
+  for low, high in (("clip_eps", "clip_eps_high"), ("gspo_clip_eps", "gspo_clip_eps_high")):
+    if train[low] < 0 or (train[high] < 0 and train[high] != -1):
+      raise ConfigError(f"config.train.{low}={train[low]} and {high}={train[high]} must be >= 0 "
+                        f"({high}=-1: same as {low})")
+  for field in ("kl_coef", "value_coef", "entropy_coef", "value_clip"):
     if train[field] < 0:
       raise ConfigError(f"config.train.{field}={train[field]} must be >= 0")
+  if train.dual_clip != 0 and train.dual_clip <= 1:
+    raise ConfigError(f"config.train.dual_clip={train.dual_clip} must be > 1 (the loss of a pair "
+                      "with advantage A < 0 is capped at dual_clip·|A|) or 0 (off)")
+  if train.decoupled_max_weight != 0 and train.decoupled_max_weight < 1:
+    raise ConfigError(f"config.train.decoupled_max_weight={train.decoupled_max_weight} must be "
+                      ">= 1 (a cap below 1 down-weights on-policy tokens) or 0 (no cap)")
+  if train.agg_constant <= 0:
+    raise ConfigError(f"config.train.agg_constant={train.agg_constant} must be positive (the "
+                      "per-trajectory token count of loss_agg='constant', e.g. the max length)")
   if train.value_coef > 0 and not model.value_head:
     raise ConfigError(
         f"config.train.value_coef={train.value_coef} trains a value head but "

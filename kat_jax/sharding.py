@@ -123,9 +123,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
-  """Assembles this process's slice of the batch into global arrays sharded over data×fsdp."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
-          for k, v in batch.items()}
+  """Assembles this process's slice of the batch into global arrays sharded over data×fsdp (every
+  leaf, nested dicts such as ``attention_blocks`` included)."""
+  return jax.tree.map(
+      lambda v: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v),
+      batch)
 
 
 def per_device_bytes(abstract_tree: Any, shardings: Any) -> int:

@@ -1,9 +1,18 @@
 """Losses as (numerator, denominator) pairs, registered by name and chosen by ``config.train.loss``.
 
 A loss splits into ``numerator(params, batch, ctx) -> (scalar, metrics)``, differentiable, and
-``denominator(batch) -> scalar`` that depends on the data only. The step computes the denominator of the
-whole global batch once, so gradient accumulation and data parallelism give exactly the full-batch loss
-``sum(numerators) / denominator`` — the same reducer serves SFT means, token means and sequence means.
+``denominator(batch, config.train) -> scalar`` that depends on the data (and the config) only, never
+on params. The step computes the denominator of the whole global batch once, so gradient
+accumulation and data parallelism give exactly the full-batch loss ``sum(numerators) / denominator``
+— the same reducer serves SFT means, token means, sequence means and constant normalizers::
+
+    loss = losses.get_loss("tree")
+    num, metrics = loss.numerator(params, batch, LossContext(apply_fn, config.train))
+    value = num / loss.denominator(batch, config.train)
+
+The tree losses reduce the per-pair terms of ``kat_jax.train.objectives`` with one aggregation mode
+(``AGGREGATIONS``): ``tree`` takes it from ``config.train.loss_agg``, ``tree_sequence_mean`` fixes it
+to ``seq_mean_token_mean``.
 """
 from __future__ import annotations
 
@@ -14,6 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from kat_jax.model.attention import intervals_from_segment_ids
+from kat_jax.train import objectives
+from kat_jax.train.objectives import pair_fields, pair_weights  # the per-pair batch view
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +38,9 @@ class LossContext:
 @dataclasses.dataclass(frozen=True)
 class Loss:
   numerator: Callable[[Any, dict, LossContext], tuple[jax.Array, dict]]
-  denominator: Callable[[dict], jax.Array]
+  # (batch, config.train or None) -> scalar: data only. Losses whose aggregation the config
+  # chooses (``tree``) read it; without a config they give their default (the token mean).
+  denominator: Callable[..., jax.Array]
 
 
 _LOSSES: dict[str, Loss] = {}
@@ -89,7 +102,8 @@ def _lm_numerator(params, batch, ctx: LossContext):
   return _ce_sums(target_logit - log_z, log_z, argmax, batch["targets"], batch["weights"], z_loss)
 
 
-def _weight_sum(batch):
+def _weight_sum(batch, config=None):
+  del config
   return jnp.sum(batch["weights"])
 
 
@@ -101,105 +115,125 @@ LM = register("lm", Loss(numerator=_lm_numerator, denominator=_weight_sum))
 # Per-trajectory losses over prediction pairs [.., K, L-1]: one reducer for flat batches and trees.
 # ---------------------------------------------------------------------------------------------------
 
-def pair_fields(batch: dict, name: str, default: float = 0.0):
-  """Per-trajectory field of the *predicted* token of each pair (``field/<name>[..., 1:]``)."""
-  key = f"field/{name}"
-  if key not in batch:
-    return None if default is None else jnp.full(batch["pred_labels"].shape, default, jnp.float32)
-  return batch[key][..., 1:].astype(jnp.float32)
+def _valid_trajectories(weights_bkl):
+  """Trajectories with at least one weighted pair, [B, K] float (padding and fully masked or pruned
+  trajectories do not count)."""
+  return (jnp.sum(weights_bkl, axis=-1) > 0).astype(jnp.float32)
 
 
-def pair_weights(batch: dict) -> jax.Array:
-  """Loss weight of each pair: the ``weight`` field (loss mask; 1 if absent) × pair validity ×
-  the pruning keep mask of the predicted token (``keep`` [B, T], if present)."""
-  w = pair_fields(batch, "weight", 1.0) * batch["pred_valid"].astype(jnp.float32)
-  if "keep" in batch:
-    b = jnp.arange(w.shape[0])[:, None, None]
-    w = w * batch["keep"][b, batch["pred_label_rows"]].astype(jnp.float32)
-  return w
+def _token_mean(loss_bkl, weights_bkl, agg_constant):
+  del agg_constant
+  return jnp.sum(weights_bkl * loss_bkl), jnp.sum(weights_bkl)
 
 
-def reduce_pairs(loss_bkl: jax.Array, weights_bkl: jax.Array, normalizer: str):
-  """(numerator, denominator) of a weighted per-pair loss.
+def _seq_mean_token_mean(loss_bkl, weights_bkl, agg_constant):
+  del agg_constant
+  per_traj_w = jnp.sum(weights_bkl, axis=-1)
+  per_traj = jnp.sum(weights_bkl * loss_bkl, axis=-1) / jnp.maximum(per_traj_w, 1e-9)
+  has = _valid_trajectories(weights_bkl)
+  return jnp.sum(per_traj * has), jnp.sum(has)
 
-  ``token``: sum(w·l) / sum(w) — every trained token counts once per trajectory it belongs to
-  (a shared prompt token of 4 trajectories counts 4 times, exactly as in the flat batch);
-  ``sequence``: mean over trajectories of each trajectory's weighted token mean.
-  """
-  if normalizer == "token":
-    return jnp.sum(weights_bkl * loss_bkl), jnp.sum(weights_bkl)
-  if normalizer == "sequence":
-    per_traj_w = jnp.sum(weights_bkl, axis=-1)
-    per_traj = jnp.sum(weights_bkl * loss_bkl, axis=-1) / jnp.maximum(per_traj_w, 1e-9)
-    has = (per_traj_w > 0).astype(jnp.float32)
-    return jnp.sum(per_traj * has), jnp.sum(has)
-  raise ValueError(f"unknown normalizer {normalizer!r}: use 'token' or 'sequence' "
-                   f"(config.train.normalizer)")
+
+def _seq_mean_token_sum(loss_bkl, weights_bkl, agg_constant):
+  del agg_constant
+  return jnp.sum(weights_bkl * loss_bkl), jnp.sum(_valid_trajectories(weights_bkl))
+
+
+def _constant(loss_bkl, weights_bkl, agg_constant):
+  if agg_constant is None:
+    raise ValueError("aggregation 'constant' needs agg_constant (config.train.agg_constant)")
+  return (jnp.sum(weights_bkl * loss_bkl),
+          agg_constant * jnp.sum(_valid_trajectories(weights_bkl)))
+
+
+# Aggregation modes (``config.train.loss_agg``): (loss [B, K, L-1], weights, agg_constant) ->
+# (numerator, denominator), the denominator from the weights (data) only. Each trajectory counts
+# its own pairs: a prompt token shared by 4 trajectories of a tree counts 4 times, as in the flat
+# batch.
+AGGREGATIONS = {
+    "token_mean": _token_mean,                    # sum(w·l) / sum(w)
+    "seq_mean_token_mean": _seq_mean_token_mean,  # mean over trajectories of each one's token mean
+    "seq_mean_token_sum": _seq_mean_token_sum,    # mean over trajectories of each one's sum(w·l)
+    "constant": _constant,                        # Dr. GRPO: sum(w·l) / (agg_constant · n_traj)
+}
+# The normalizer names ``reduce_pairs`` took before ``loss_agg`` existed.
+_NORMALIZER_ALIASES = {"token": "token_mean", "sequence": "seq_mean_token_mean"}
+
+
+def reduce_pairs(loss_bkl: jax.Array, weights_bkl: jax.Array, mode: str,
+                 agg_constant: float | None = None):
+  """(numerator, denominator) of a weighted per-pair loss by aggregation ``mode``
+  (``AGGREGATIONS``; ``token`` / ``sequence`` name ``token_mean`` / ``seq_mean_token_mean``).
+  A trajectory counts in the sequence and constant modes when it has a weighted pair."""
+  name = _NORMALIZER_ALIASES.get(mode, mode)
+  if name not in AGGREGATIONS:
+    raise ValueError(f"unknown aggregation {mode!r}: use one of {sorted(AGGREGATIONS)} "
+                     f"(config.train.loss_agg)")
+  return AGGREGATIONS[name](loss_bkl, weights_bkl, agg_constant)
 
 
 def policy_pair_loss(logp, batch: dict, cfg) -> tuple[jax.Array, dict]:
-  """Per-pair loss by ``cfg.objective``: ``nll`` (SFT) or ``ppo`` (clipped ratio with per-pair
-  advantages; GRPO is ``ppo`` with group-relative advantages and an optional KL to a reference)."""
-  objective = cfg.objective
-  if objective == "nll":
-    return -logp, {}
-  if objective == "ppo":
-    adv = pair_fields(batch, "advantage", 0.0)
-    old = pair_fields(batch, "old_logp", None)
-    old = jax.lax.stop_gradient(logp) if old is None else old
-    ratio = jnp.exp(logp - old)
-    eps_lo = cfg.clip_eps
-    eps_hi = eps_lo if cfg.clip_eps_high < 0 else cfg.clip_eps_high
-    unclipped = ratio * adv
-    clipped = jnp.clip(ratio, 1.0 - eps_lo, 1.0 + eps_hi) * adv
-    loss = -jnp.minimum(unclipped, clipped)
-    terms = {"clipped_frac": (clipped < unclipped).astype(jnp.float32), "ratio": ratio}
-    beta = cfg.kl_coef
-    ref = pair_fields(batch, "ref_logp", None)
-    if beta and ref is not None:
-      d = ref - logp
-      kl = jnp.exp(d) - d - 1.0          # k3 estimator, >= 0
-      loss = loss + beta * kl
-      terms["kl"] = kl
-    return loss, terms
-  raise ValueError(f"unknown objective {objective!r}: use 'nll' or 'ppo' (config.train.objective)")
+  """Per-pair loss and terms of ``cfg.objective`` (``kat_jax.train.objectives``) plus, with
+  ``cfg.kl_coef > 0``, ``kl_coef`` × the KL estimate to the reference (term ``kl``). GRPO is
+  ``ppo`` with group-relative advantages and an optional KL to the reference."""
+  loss, terms = objectives.get(cfg.objective)(logp, batch, cfg)
+  if cfg.kl_coef:
+    kl = objectives.kl_to_reference(logp, batch, cfg)
+    loss = loss + cfg.kl_coef * kl
+    terms = {**terms, "kl": kl}
+  return loss, terms
 
 
-def _tree_numerator(params, batch, ctx: LossContext, normalizer: str):
+def _aggregation(fixed: str | None, config) -> tuple[str, float | None]:
+  """(mode, agg_constant) of a tree loss: its fixed mode, else config.train's ``loss_agg``."""
+  if fixed is not None:
+    return fixed, None
+  if config is None:
+    return "token_mean", None
+  return config.loss_agg, config.agg_constant
+
+
+def _tree_numerator(params, batch, ctx: LossContext, fixed_agg: str | None):
   from kat_jax.tree.logprobs import tree_logprobs
   cfg = ctx.config
+  mode, agg_constant = _aggregation(fixed_agg, cfg)
+  w = pair_weights(batch)
+
+  def reduce(per_pair):
+    return reduce_pairs(per_pair, w, mode, agg_constant)[0]
+
   out = tree_logprobs(ctx.apply_fn, params, batch,
                       return_values=cfg.value_coef > 0, logits_chunk=cfg.logits_chunk)
-  w = pair_weights(batch)
   loss, terms = policy_pair_loss(out["logp"], batch, cfg)
-  num, _ = reduce_pairs(loss, w, normalizer)
-  metrics = {"nll_sum": reduce_pairs(-out["logp"], w, normalizer)[0],
-             "entropy_sum": reduce_pairs(out["entropy"], w, normalizer)[0]}
-  for k, v in terms.items():
-    metrics[f"{k}_sum"] = reduce_pairs(v, w, normalizer)[0]
-  ent_coef = cfg.entropy_coef
-  if ent_coef:
-    num = num - ent_coef * metrics["entropy_sum"]
+  num = reduce(loss)
+  metrics = {"nll_sum": reduce(-out["logp"]), "entropy_sum": reduce(out["entropy"])}
+  metrics.update({f"{k}_sum": reduce(v) for k, v in terms.items()})
+  if cfg.entropy_coef:
+    num = num - cfg.entropy_coef * metrics["entropy_sum"]
   if "values" in out:
-    returns = pair_fields(batch, "return", 0.0)
-    v_loss = 0.5 * jnp.square(out["values"] - returns)
-    metrics["value_loss_sum"] = reduce_pairs(v_loss, w, normalizer)[0]
+    v_loss, v_terms = objectives.value_loss(out["values"], batch, cfg)
+    metrics["value_loss_sum"] = reduce(v_loss)
+    metrics.update({f"{k}_sum": reduce(v) for k, v in v_terms.items()})
     num = num + cfg.value_coef * metrics["value_loss_sum"]
   return num, metrics
 
 
-def make_tree_loss(normalizer: str) -> Loss:
-  """Tree (or flat-as-tree) loss with a fixed normalizer; the objective comes from config.train."""
-  def denominator(batch):
-    return reduce_pairs(jnp.zeros(batch["pred_labels"].shape, jnp.float32), pair_weights(batch),
-                        normalizer)[1]
+def make_tree_loss(fixed_agg: str | None = None) -> Loss:
+  """Tree (or flat-as-tree) loss; the objective comes from config.train, the aggregation mode is
+  ``fixed_agg`` or (None) ``config.train.loss_agg``. Metrics (``<term>_sum``) are aggregated like
+  the loss, so the step's division by the denominator gives their mean in that mode."""
+  def denominator(batch, config=None):
+    mode, agg_constant = _aggregation(fixed_agg, config)
+    zeros = jnp.zeros(batch["pred_labels"].shape, jnp.float32)
+    return reduce_pairs(zeros, pair_weights(batch), mode, agg_constant)[1]
 
   def numerator(params, batch, ctx):
-    return _tree_numerator(params, batch, ctx, normalizer)
+    return _tree_numerator(params, batch, ctx, fixed_agg)
 
   return Loss(numerator=numerator, denominator=denominator)
 
 
-# Trees with per-trajectory losses: token-mean and sequence-mean normalizers.
-TREE = register("tree", make_tree_loss("token"))
-TREE_SEQUENCE_MEAN = register("tree_sequence_mean", make_tree_loss("sequence"))
+# Trees with per-trajectory losses: ``tree`` aggregates by config.train.loss_agg (default token
+# mean); ``tree_sequence_mean`` is always the mean over trajectories of their token means.
+TREE = register("tree", make_tree_loss())
+TREE_SEQUENCE_MEAN = register("tree_sequence_mean", make_tree_loss("seq_mean_token_mean"))

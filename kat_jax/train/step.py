@@ -29,7 +29,7 @@ def _microbatches(batch: dict, accum: int) -> dict:
 
 def loss_and_grads(params, batch, loss: Loss, ctx: LossContext, accum: int = 1):
   """(loss, metric sums, grads) of ``sum(numerator) / denominator`` over the global batch."""
-  denom = jnp.maximum(loss.denominator(batch).astype(jnp.float32), 1e-9)
+  denom = jnp.maximum(loss.denominator(batch, ctx.config).astype(jnp.float32), 1e-9)
 
   def scaled(p, mb):
     num, metrics = loss.numerator(p, mb, ctx)
@@ -119,7 +119,7 @@ def make_eval_step(apply_fn: Callable, loss: Loss, train_cfg, state_shardings, m
   def step(params, batch):
     ctx = LossContext(apply_fn=apply_fn, config=train_cfg)
     num, metrics = loss.numerator(params, batch, ctx)
-    return {"numerator": num, "denominator": loss.denominator(batch), **metrics}
+    return {"numerator": num, "denominator": loss.denominator(batch, train_cfg), **metrics}
 
   batch_sh = sharding_lib.batch_sharding(mesh, rules)
   return jax.jit(step, in_shardings=(state_shardings.params, batch_sh),

@@ -172,7 +172,12 @@ class Trainer:
   # ------------------------------------------------------------------------------- steps
 
   def to_global(self, batch: dict) -> dict:
-    """This process's rows of a batch as global arrays sharded over data×fsdp."""
+    """This process's rows of a batch as global arrays sharded over data×fsdp. A tree batch must
+    carry the block layout its attention implementation reads (``tree.layout``), or block-sparse
+    attention would silently visit every block."""
+    if _is_tree_batch(batch):
+      from kat_jax.tree import layout as tree_layout
+      tree_layout.check_attention_blocks(batch, self.model_cfg.attention_impl)
     return sharding_lib.host_to_global(batch, self.mesh, self.rules)
 
   def step(self, batch: dict) -> dict:

@@ -8,7 +8,10 @@ trajectories share their prefix up to the attempt. Each trajectory is rendered w
 event tags (``kat_jax.data.chat``) and the group is merged into a prefix tree with the mask as the
 per-trajectory ``weight`` field. Trees are padded to the static sizes in ``config.tree`` so the jitted
 step compiles once; a trajectory that does not fit is dropped and counted (``dropped_trajectories``),
-never silently.
+never silently. With an ``attention_impl`` that skips key blocks (``blocksparse``, ``pallas``) each
+batch also carries its block layout (``kat_jax.tree.layout``); the forward chunk count never shrinks
+from one batch to the next, so the step recompiles only when a batch needs more chunks (with several
+processes it is pinned to what any tree needs, so that all processes' rows have one shape).
 
 Batch i depends only on (seed, split, shard, i): ``get_state``/``set_state`` is that counter.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import collections
 from typing import Optional
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -24,7 +28,9 @@ from kat_jax.data import chat
 from kat_jax.data.procedural import bugs, generate
 from kat_jax.tree import batch as batch_lib
 from kat_jax.tree import build
+from kat_jax.tree import layout as tree_layout
 from kat_jax.tree.logprobs import batch_to_arrays
+from kernels.tree_attention import layout as kernel_layout
 
 
 def default_tree_config() -> ml_collections.ConfigDict:
@@ -42,12 +48,15 @@ def task_trajectories(task, tokenizer, max_debug_variants: int):
 
 
 class TreeSFTIterator:
-  """Yields dict batches of ``batch_size`` padded trees (see ``kat_jax.tree.batch``)."""
+  """Yields dict batches of ``batch_size`` padded trees (see ``kat_jax.tree.batch``), with the
+  block layout ``attention_impl`` (``config.model.attention_impl``) reads, if any."""
 
   def __init__(self, tree_cfg, tokenizer, *, split: str, batch_size: int, seed: int,
-               shard_index: int = 0):
+               shard_index: int = 0, attention_impl: str = "xla"):
     self.cfg, self.tokenizer, self.split = tree_cfg, tokenizer, split
     self.batch_size, self.seed, self.shard_index = batch_size, seed, shard_index
+    self.attention_impl = attention_impl
+    self._chunk_capacity = 0   # largest forward chunk count so far (blocksparse layouts)
     self.levels = [int(v) for v in str(tree_cfg.levels).split(",") if v.strip()]
     self._index = 0
     self._counters = collections.Counter()
@@ -87,7 +96,16 @@ class TreeSFTIterator:
     self._index += 1
     tb = batch_lib.batch_trees(trees, max_tokens=c.max_tokens, max_nodes=c.max_nodes,
                                max_traj=c.max_traj, max_len=c.max_len)
-    return batch_to_arrays(tb)
+    # Several processes must agree on the shape: there, the chunk count fits any tree.
+    spec = tree_layout.layout_spec(self.attention_impl)
+    pinned = (kernel_layout.worst_case_capacity(c.max_tokens, spec.block_sizes.block_q,
+                                                spec.block_sizes.block_k)
+              if spec is not None and jax.process_count() > 1 else None)
+    batch = tree_layout.with_attention_blocks(batch_to_arrays(tb), self.attention_impl,
+                                              capacity=pinned, min_capacity=self._chunk_capacity)
+    if "fwd_chunk_q" in batch.get(tree_layout.LAYOUT_KEY, {}):
+      self._chunk_capacity = batch[tree_layout.LAYOUT_KEY]["fwd_chunk_q"].shape[1]
+    return batch
 
   def get_state(self) -> dict:
     return {"index": self._index}

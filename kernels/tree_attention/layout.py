@@ -34,6 +34,8 @@ it is the batch maximum rounded up to four significant bits (exact up to 16, the
 32, 36, ...), so at most 8 distinct shapes per doubling and at most 12.5% padding chunks. Pass
 ``capacity=C`` to pin it (``worst_case_capacity(T, ...)`` fits any tree; a data pipeline that knows
 its trees can pin less); a capacity that is too small raises an error naming the needed value.
+``pad_chunks(blocks, C)`` pads a layout's chunk lists up to C (a pipeline that keeps one shape once
+it has seen its largest tree); ``chunk_visit_counts`` counts the block pairs chunk lists visit.
 """
 from __future__ import annotations
 
@@ -290,3 +292,32 @@ def causal_visited_blocks(t: int, block_q: int, block_k: int) -> int:
   """Number of (query block, key block) pairs a causal block-skipping kernel visits for one row."""
   return sum(min(num_blocks(t, block_k), ((i + 1) * block_q - 1) // block_k + 1)
              for i in range(num_blocks(t, block_q)))
+
+
+def pad_chunks(blocks: dict, capacity: int) -> dict:
+  """``blocks`` with its forward chunk lists padded to ``capacity`` chunks per row (unused chunks:
+  query block 0, all key slots the dummy block nk), e.g. to keep one static shape across batches;
+  the visits are unchanged. Raises if a row already holds more chunks."""
+  have = blocks["fwd_chunk_q"].shape[1]
+  if capacity < have:
+    raise ValueError(f"cannot pad {have} chunks per row down to capacity {capacity}")
+  if capacity == have:
+    return blocks
+  nk = blocks["kv_ids"].shape[2]
+  extra = capacity - have
+  return {**blocks,
+          "fwd_chunk_q": np.pad(blocks["fwd_chunk_q"], ((0, 0), (0, extra))),
+          "fwd_chunk_kv": np.pad(blocks["fwd_chunk_kv"], ((0, 0), (0, extra), (0, 0)),
+                                 constant_values=nk)}
+
+
+def chunk_visit_counts(fwd_chunk_q, fwd_chunk_kv, nq: int, nk: int) -> np.ndarray:
+  """int32 [B, nq, nk]: how often forward chunk lists visit each (query block, key block) pair
+  (the dummy key block ``nk`` of padding slots left out) -- what the block-sparse path computes.
+  A layout from ``block_layout`` visits each pair of its block mask exactly once."""
+  owner = np.asarray(fwd_chunk_q, np.int64)
+  member = np.asarray(fwd_chunk_kv, np.int64)
+  out = np.zeros((member.shape[0], nq, nk + 1), np.int32)
+  rows = np.broadcast_to(np.arange(member.shape[0])[:, None, None], member.shape)
+  np.add.at(out, (rows, np.broadcast_to(owner[:, :, None], member.shape), member), 1)
+  return out[:, :, :nk]
