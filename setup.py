@@ -31,6 +31,7 @@ EXTRAS = {
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",
         "hypothesis==6.170.15",
+        "rlax==0.1.9",          # the reference GAE the advantage tests compare against
     ],
     # Hugging Face checkpoint interop. torch 2.13.0 is a CPU build on local disk here; a looser pin
     # would pull a multi-GB CUDA build.

@@ -10,6 +10,7 @@ import ml_collections
 from kat_jax import sharding
 from kat_jax.data.config import default_data_config
 from kat_jax.model import get_preset
+from kat_jax.rl.config import rl_defaults
 from kat_jax.tree.prune import default_prune_config
 from kat_jax.tree.sft_data import default_tree_config
 
@@ -41,12 +42,21 @@ def train_defaults() -> ml_collections.ConfigDict:
       check_finite_every=1,    # steps between finiteness checks of loss / grad norm (a host sync)
       peak_flops_per_device=0.0,   # for MFU; 0: datasheet value by device kind, or a measured matmul
       progress_bar=True,       # tqdm progress bar on the console (process 0)
-      # Tree losses (``tree``, ``tree_sequence_mean``): the per-pair policy objective.
-      objective="nll",         # nll (SFT) | ppo (clipped ratio with per-pair advantages)
+      # Tree losses (``tree``, ``tree_sequence_mean``): the per-pair policy objective
+      # (kat_jax.train.objectives) and its aggregation (kat_jax.train.losses.AGGREGATIONS).
+      objective="nll",         # nll (SFT) | ppo | gspo | decoupled_ppo (kat_jax.train.objectives)
       clip_eps=0.2,            # PPO clip range below 1 (ratio >= 1 - clip_eps)
       clip_eps_high=-1.0,      # PPO clip range above 1 (ratio <= 1 + clip_eps_high); -1 = clip_eps
-      kl_coef=0.0,             # weight of the k3 KL to the reference (batch field ref_logp)
+      dual_clip=0.0,           # dual-clip c > 1: loss of an A < 0 pair at most c·|A|; 0 = off
+      gspo_clip_eps=3e-4,      # GSPO sequence-ratio clip range below 1
+      gspo_clip_eps_high=4e-4,   # GSPO sequence-ratio clip range above 1; -1 = gspo_clip_eps
+      decoupled_max_weight=0.0,  # decoupled_ppo: cap of π_prox / π_behav (>= 1); 0 = no cap
+      loss_agg="token_mean",   # token_mean | seq_mean_token_mean | seq_mean_token_sum | constant
+      agg_constant=1024.0,     # loss_agg=constant (Dr. GRPO): sum / (agg_constant × trajectories)
+      kl_coef=0.0,             # weight of the KL to the reference in the loss (field ref_logp)
+      kl_estimator="k3",       # KL estimator: k1 (log π/π_ref) | k2 (½ d²) | k3 (e^d - d - 1)
       value_coef=0.0,          # weight of the value loss (needs model.value_head=True)
+      value_clip=0.0,          # > 0: clip the value to old_values ± value_clip (PPO); 0 = off
       entropy_coef=0.0,        # weight of the entropy bonus (subtracted from the loss)
       use_reference=False,     # keep a frozen copy of the starting params (Trainer.reference_params)
       prune=default_prune_config(),   # entropy-budget pruning of tree batches (docs/PRUNING.md)
@@ -75,4 +85,5 @@ def get_base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.train = train_defaults()
   c.tree = default_tree_config()                    # static tree-batch limits (tree stages)
   c.data = default_data_config()                    # corpora, tokenizer, packing, mixture
+  c.rl = rl_defaults()                              # the RL stage (kat_jax.rl.loop)
   return c

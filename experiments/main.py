@@ -30,10 +30,11 @@ def main(argv):
   import jax
   if _MULTIHOST.value:
     jax.distributed.initialize()
-  from kat_jax.train import loop, metrics
+  from kat_jax.train import metrics, stages
   logging.info("devices: %s", jax.devices())
-  result = loop.train(_CONFIG.value, _WORKDIR.value)
+  result = stages.run(_CONFIG.value, _WORKDIR.value)
   result.pop("state", None)
+  result.pop("history", None)
   logging.info("done: %s", result)
   metrics.console(metrics.run_summary(result))
 

@@ -83,11 +83,13 @@ class MetricWriter:
     for k, v in scalars.items():
       self._tb.add_scalar(f"{prefix}/{k}", float(v), step)
     self._tb.flush()
-    line = format_scalars(scalars)
     if self._bar is not None:
       self._bar.set_postfix_str(f"{prefix} loss={float(scalars.get('loss', float('nan'))):.4f}")
-    console(f"step {step} {prefix}: {line}")
-    logging.info("step %d %s: %s", step, prefix, line)
+    # The console shows the top-level scalars; grouped ones (data/..., status/...) go to
+    # TensorBoard and the absl log.
+    console(f"step {step} {prefix}: "
+            f"{format_scalars({k: v for k, v in scalars.items() if '/' not in k})}")
+    logging.info("step %d %s: %s", step, prefix, format_scalars(scalars))
 
   def close(self) -> None:
     if self._bar is not None:

@@ -7,6 +7,11 @@ import optax
 
 
 def make_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup from 0 over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` × peak by
+  ``steps``; ``warmup_steps=0`` starts at the peak (step 0 trains at the full learning rate)."""
+  if int(train_cfg.warmup_steps) == 0:
+    return optax.cosine_decay_schedule(train_cfg.learning_rate, max(int(train_cfg.steps), 1),
+                                       alpha=train_cfg.min_lr_ratio)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=train_cfg.learning_rate,

@@ -3,7 +3,8 @@ from kat_jax.data import special_tokens as st
 
 
 class ByteTokenizer:
-  """Test double for the tokenizer protocol: UTF-8 bytes are ids 0..255, specials follow."""
+  """Test double for the tokenizer protocol: UTF-8 bytes are ids 0..255, specials follow;
+  invalid UTF-8 (a random model's bytes) decodes with replacement characters."""
 
   def __init__(self):
     self.specials = {s: 256 + i for i, s in enumerate(st.ALL)}
@@ -23,9 +24,10 @@ class ByteTokenizer:
     for i in ids:
       i = int(i)
       if i in self.by_id:
-        out.append(buf.decode("utf-8")); buf = bytearray(); out.append(self.by_id[i])
+        out += [buf.decode("utf-8", errors="replace"), self.by_id[i]]
+        buf = bytearray()
       else:
         buf.append(i)
-    out.append(buf.decode("utf-8"))
+    out.append(buf.decode("utf-8", errors="replace"))
     return "".join(out)
 

