@@ -50,14 +50,22 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.commits = ml_collections.ConfigDict(dict(
       repo="", revision="HEAD", max_commits=20_000, max_diff_bytes=200_000, loss_on="all"))
   # Conversations / trajectories (tool use, multi-turn, SFT / RFT teacher trajectories): JSONL files
-  # or globs, comma-separated, one chat.Conversation JSON per line.
+  # or globs, comma-separated, one chat.Conversation JSON per line (experiments/make_agentic_data.py
+  # writes the teacher trajectories of kat_jax.rl.experts run through the real environments).
+  # balance: '' = each example once per (reshuffled) epoch; 'taxonomy' = examples drawn with
+  # replacement so that every taxonomy cell of their labels gets equal mass
+  # (taxonomy.balanced_sampling_weights), unlabeled examples sharing unlabeled_mass.
   config.trajectories = ml_collections.ConfigDict(dict(paths="", loss_on="all",
-                                                       render="conversation"))
+                                                       render="conversation", balance="",
+                                                       unlabeled_mass=0.0))
   # Instruction data: JSONL conversations or Evol-Instruct records ({"instruction", "solution"}).
   # render: 'conversation' (user instruction, assistant solution) or 'code_file' (aiXcoder: the
   # solution as a code file with the instruction as its docstring, FIM-transformed like code).
+  # Instruction following with checkable constraints: kat_jax.data.instructions (same script).
+  # balance / unlabeled_mass: as for trajectories.
   config.instructions = ml_collections.ConfigDict(dict(paths="", loss_on="all",
-                                                       render="conversation"))
+                                                       render="conversation", balance="",
+                                                       unlabeled_mass=0.0))
   # Procedural tasks from kat_jax.data.procedural, rendered as conversations.
   # families '' = all; levels: comma-separated difficulty levels. The corpus holds num_train distinct
   # training and num_eval distinct held-out tasks (the stream repeats them, reshuffled, every epoch),

@@ -38,6 +38,7 @@ from kat_jax import workdir as workdir_lib
 from kat_jax.data import chat
 from kat_jax.data import corpora
 from kat_jax.data import mixture as mixture_lib
+from kat_jax.data import taxonomy
 from kat_jax.data import tokenizer as tokenizer_lib
 from kat_jax.data.config import split_list
 from kat_jax.data.corpora import common
@@ -169,6 +170,13 @@ class EmptySplitError(ValueError):
 def _sharded_shuffled(builder, name: str, split: str, seed: int, shard_index: int,
                       shard_count: int) -> grain.MapDataset:
   """The infinite shuffled stream of this shard of ``split`` of a prepared corpus."""
+  dataset = _sharded(builder, name, split, shard_index, shard_count)
+  return dataset.shuffle(seed=_stream_seed(seed, name)).repeat()
+
+
+def _sharded(builder, name: str, split: str, shard_index: int, shard_count: int
+             ) -> grain.MapDataset:
+  """This shard of ``split`` of a prepared corpus, in corpus order."""
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index={shard_index} is outside [0, shard_count={shard_count})")
   if not common.has_split(builder, split):
@@ -184,7 +192,45 @@ def _sharded_shuffled(builder, name: str, split: str, seed: int, shard_index: in
         f"stream {name!r}: split {split!r} has no examples for shard {shard_index}/{shard_count} "
         f"({len(source)} examples before sharding); use a larger corpus or a larger eval_fraction, "
         "or give the stream weight 0.")
-  return dataset.shuffle(seed=_stream_seed(seed, name)).repeat()
+  return dataset
+
+
+def example_label(example: Mapping):
+  """The taxonomy label of a JSONL corpus example (its ``metadata`` JSON), or None."""
+  return taxonomy.TaskLabel.from_dict(json.loads(_text(example["metadata"])).get("label"))
+
+
+def taxonomy_balanced(dataset: grain.MapDataset, labels, *, seed: int, name: str,
+                      unlabeled_mass: float) -> tuple[grain.MapDataset, dict]:
+  """An infinite stream of ``dataset``'s examples drawn with replacement by
+  ``taxonomy.balanced_sampling_weights(labels)``, and the mass each cell gets.
+
+  Element ``i`` is example ``draws(i // n)[i % n]`` (n = len(dataset)), where ``draws(e)`` are the
+  n indices epoch ``e`` samples with a generator seeded by (stream seed, e): random access, so the
+  stream's position stays one integer, as for the shuffled streams."""
+  n = len(dataset)
+  if len(labels) != n:
+    raise ValueError(f"stream {name!r}: {len(labels)} labels for {n} examples")
+  weights = taxonomy.balanced_sampling_weights(labels, unlabeled_mass=unlabeled_mass)
+  stream_seed = _stream_seed(seed, name)
+  lock = threading.Lock()
+  cache: dict[int, np.ndarray] = {}
+
+  def draws(epoch: int) -> np.ndarray:
+    with lock:
+      if epoch not in cache:
+        if len(cache) >= 4:
+          cache.pop(min(cache))
+        cache[epoch] = np.random.default_rng([stream_seed, epoch]).choice(n, size=n, p=weights)
+      return cache[epoch]
+
+  mass: dict[str, float] = {}
+  for label, w in zip(labels, weights):
+    key = "unlabeled" if label is None else f"{label.task_type}/{label.scenario}"
+    mass[key] = mass.get(key, 0.0) + float(w)
+  balanced = grain.MapDataset.range(n).repeat().map_with_index(
+      lambda i, _: dataset[int(draws(i // n)[i % n])])
+  return balanced, dict(sorted(mass.items()))
 
 
 def _code_stream(data_config, tokenizer, *, split, seed, shard_index, shard_count) -> Stream:
@@ -300,8 +346,18 @@ def _jsonl_stream_factory(name: str) -> Callable[..., Stream]:
                        "or globs)")
     config = jsonl.jsonl_config(patterns, name_prefix=name, eval_fraction=data_config.eval_fraction)
     builder = corpora.prepare(jsonl.JsonlConversations, config, data_config.data_dir)
-    dataset = _sharded_shuffled(builder, name, split, seed,
-                                shard_index, shard_count)
+    stats = {name: common.builder_stats(builder)}
+    if section.balance == "taxonomy":
+      examples = _sharded(builder, name, split, shard_index, shard_count)
+      labels = [example_label(examples[i]) for i in range(len(examples))]
+      dataset, stats[name]["cell_mass"] = taxonomy_balanced(
+          examples, labels, seed=seed, name=name, unlabeled_mass=float(section.unlabeled_mass))
+    elif section.balance == "":
+      dataset = _sharded_shuffled(builder, name, split, seed,
+                                  shard_index, shard_count)
+    else:
+      raise ValueError(f"data.{name}.balance={section.balance!r}; use '' (every example once "
+                       "per epoch) or 'taxonomy' (balanced over the taxonomy cells)")
     loss_on = section.loss_on
     render = section.render
     if render == "conversation":
@@ -311,7 +367,7 @@ def _jsonl_stream_factory(name: str) -> Callable[..., Stream]:
       dataset = dataset.map_with_index(_code_file_documents(data_config, tokenizer, name, seed))
     else:
       raise ValueError(f"data.{name}.render={render!r}; use 'conversation' or 'code_file'")
-    return Stream(dataset, {name: common.builder_stats(builder)})
+    return Stream(dataset, stats)
 
   return factory
 

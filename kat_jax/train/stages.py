@@ -9,16 +9,19 @@ leading per-process batch axis and has ``get_state()`` / ``set_state()`` (saved 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 from kat_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
+  """``make_data`` feeds the offline loop; an online stage (RL) instead names ``run``, its own loop
+  ``run(config, workdir) -> result`` that drives the ``Trainer`` (never a copy of the loop)."""
   name: str
   loss: str
-  make_data: Callable
+  make_data: Optional[Callable] = None
+  run: Optional[Callable] = None
 
 
 _STAGES: dict[str, Stage] = {}
@@ -27,6 +30,15 @@ _STAGES: dict[str, Stage] = {}
 def register(stage: Stage) -> Stage:
   _STAGES[stage.name] = stage
   return stage
+
+
+def run(config, workdir: str) -> dict:
+  """Trains ``config.stage``: its own loop if it has one, else the offline loop over its data."""
+  stage = get_stage(config.stage)
+  if stage.run is not None:
+    return stage.run(config, workdir)
+  from kat_jax.train import loop
+  return loop.train(config, workdir)
 
 
 def get_stage(name: str) -> Stage:
@@ -69,10 +81,83 @@ def _sft_tree_data(config, workdir, *, split, batch_size, seed, shard_index, sha
   del shard_count
   tokenizer = _tokenizer(config, workdir)
   it = TreeSFTIterator(config.tree, tokenizer, split="heldout" if split == "eval" else split,
-                       batch_size=batch_size, seed=seed, shard_index=shard_index)
+                       batch_size=batch_size, seed=seed, shard_index=shard_index,
+                       attention_impl=config.model.attention_impl)
   return it, tokenizer
 
 
 register(Stage("synthetic", loss="lm", make_data=_synthetic_data))
 register(Stage("sft_tree", loss="tree", make_data=_sft_tree_data))
 register(Stage("midtrain", loss="lm", make_data=_lm_data))
+
+
+def _rl_run(config, workdir):
+  from kat_jax.rl import loop as rl_loop   # the RL stage's loop (imports the environments)
+  return rl_loop.train(config, workdir)
+
+
+register(Stage("rl", loss="tree", run=_rl_run))
+
+
+def _check_sft_data(data) -> None:
+  """The ``sft`` stage's contract on ``config.data``: teacher trajectories in the mixture, and
+  every stream a conversation stream trained on its assistant tokens only."""
+  if not data.mixture.trajectories > 0:
+    raise ConfigError(
+        "config.stage='sft' trains on teacher trajectories: set data.mixture.trajectories > 0 and "
+        "data.trajectories.paths (python -m experiments.make_agentic_data writes them)")
+  for name, weight in data.mixture.items():
+    if not weight > 0:
+      continue
+    section = data[name] if name in data else None
+    if section is None or "loss_on" not in section:
+      raise ConfigError(
+          f"config.stage='sft' trains on conversations with assistant-only loss, but "
+          f"data.mixture.{name}={weight} mixes in documents trained on every token: set it to 0 "
+          f"(or use config.stage='midtrain')")
+    if section.loss_on != "assistant":
+      raise ConfigError(f"config.stage='sft' trains on assistant tokens only: set "
+                        f"data.{name}.loss_on='assistant' (got {section.loss_on!r})")
+    if "render" in section and section.render != "conversation":
+      raise ConfigError(f"config.stage='sft' renders conversations: set "
+                        f"data.{name}.render='conversation' (got {section.render!r})")
+
+
+def _sft_tokenizer(config, workdir):
+  """``data.tokenizer_path`` if set; else the tokenizer of the ``init_from`` checkpoint (a kat_jax
+  workdir's saved one, a Hugging Face checkpoint's), whose ids the params were trained on; else,
+  for a model trained from scratch, the one trained from the code corpus."""
+  from kat_jax import workdir as workdir_lib
+  from kat_jax.data import tokenizer as tokenizer_lib
+  source = config.init_from.rpartition("@")[0] if "@" in config.init_from else config.init_from
+  if not source or config.data.tokenizer_path:
+    return _tokenizer(config, workdir)
+  tokenizer = (tokenizer_lib.maybe_tokenizer(workdir_lib.tokenizer_dir(source))
+               or tokenizer_lib.maybe_tokenizer(source))
+  if tokenizer is None:
+    raise ConfigError(
+        f"config.init_from={config.init_from!r} has no tokenizer (neither "
+        f"{workdir_lib.tokenizer_dir(source)}/ nor a Hugging Face tokenizer): set "
+        "config.data.tokenizer_path to the tokenizer its params were trained with")
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ConfigError(
+        f"the tokenizer of config.init_from has {tokenizer.vocab_size} tokens but "
+        f"config.model.vocab_size={config.model.vocab_size}: raise config.model.vocab_size")
+  return tokenizer
+
+
+def _sft_data(config, workdir, *, split, batch_size, seed, shard_index, shard_count):
+  """Flat SFT: packed rows of the mixture's conversation streams — the teacher trajectories
+  (``data.trajectories``; ``balance='taxonomy'`` draws them balanced over the taxonomy cells by
+  ``taxonomy.balanced_sampling_weights``, as configs/sft_tiny.py does) and instruction data —
+  with loss on the assistant turns only (``chat.render`` masks → batch ``weights``)."""
+  from kat_jax.data import pipeline
+  _check_sft_data(config.data)
+  tokenizer = _sft_tokenizer(config, workdir)
+  it = pipeline.make_lm_iterator(config.data, tokenizer, split=split, batch_size=batch_size,
+                                 seq_len=config.train.seq_len, seed=seed,
+                                 shard_index=shard_index, shard_count=shard_count)
+  return it, tokenizer
+
+
+register(Stage("sft", loss="lm", make_data=_sft_data))
