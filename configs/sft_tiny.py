@@ -24,7 +24,7 @@ def get_config():
   c.train.steps = 300
   c.train.batch_size = 8
   c.train.seq_len = 1024                # code trajectories fit; repository ones continue in the row
-  c.train.learning_rate = 1e-3
+  c.train.learning_rate = 3e-3          # as mid-training; the tiny model learns the format with it
   c.train.warmup_steps = 20
   c.train.log_every = 10
   c.train.eval_every = 100

@@ -1,7 +1,7 @@
 """Does SFT on the teacher trajectories teach a model to call tools? The share of sampled assistant
 turns that parse as valid tool calls, on held-out tasks, before and after configs/sft_tiny.py.
 
-  python -m experiments.bench_sft_toolcalls [--workdir=DIR --steps=150 --batch_size=4
+  python -m experiments.bench_sft_toolcalls [--workdir=DIR --steps=300 --batch_size=4
                                              --seq_len=1024 --tasks=16 --init_from=MIDTRAIN_DIR]
 
 1. writes the SFT data with ``kat_jax.data.agentic`` (train split of the procedural tasks: code,
@@ -13,11 +13,21 @@ turns that parse as valid tool calls, on held-out tasks, before and after config
    on ``--tasks`` held-out procedural tasks — their (template, params) pairs are in no training
    trajectory — with the starting params and with the trained ones, and counts the sampled turns
    whose text ``toolcall.parse_assistant_output`` (with the environment's tools) turns into at
-   least one tool call, and of those the calls whose arguments fit the tool's schema.
+   least one tool call, those whose every call's arguments also fit the tool's schema, those that
+   open a ``<tool_call>`` at all, and the parse errors by kind.
 
 Prints one JSON object: ``before`` and ``after`` (turns, valid tool-call turns and their share,
 per-turn shares, statuses, submissions and passes), ``rise`` (after - before share), the run's
-final train loss and wall times.
+final train loss and wall times. ``--measure_only`` samples an already trained ``--workdir`` again.
+
+Measured with the defaults (from scratch, 300 steps of 4×1024 tokens, 300 teacher trajectories,
+200 instruction examples; 30 min of training on a shared 2-core CPU): before 0 of 32 turns
+(share 0.0, no turn even opens a tool call); after 20 of 32 (share 0.625, every call
+schema-valid): 16 of 16 first turns, 4 of 16 second turns — after a failure report the tiny
+model runs its explanation into the code and drops the opening tag (11 ``unopened_tag``, 1
+``invalid_json``). 150 steps (LR decayed over 150) gave 0 of 32: all 16 first turns opened a
+call in the right format but are ``invalid_json`` (those inspected close the JSON with one brace
+too few), all 16 second turns ``unopened_tag``.
 """
 from __future__ import annotations
 
@@ -30,10 +40,10 @@ from typing import Any, Optional, Sequence
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/kat_bench_sft_toolcalls", "Run directory.")
-_STEPS = flags.DEFINE_integer("steps", 150, "SFT steps.")
+_STEPS = flags.DEFINE_integer("steps", 300, "SFT steps.")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Rows per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Tokens per row.")
-_LR = flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate.")
+_LR = flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate.")
 _TASKS = flags.DEFINE_integer("tasks", 16, "Held-out procedural tasks sampled.")
 _TURNS = flags.DEFINE_integer("max_turns", 2, "Assistant turns per episode.")
 _NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 192, "Tokens sampled per turn.")

@@ -20,7 +20,8 @@ from kat_jax.model import ModelConfig
 from kat_jax.train import losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = ("configs/midtrain_tiny.py", "configs/sft_tiny_tree.py", "configs/synthetic_tiny.py")
+EXPERIMENTS = ("configs/midtrain_tiny.py", "configs/sft_tiny_tree.py", "configs/synthetic_tiny.py",
+               "configs/sft_tiny.py", "configs/rl_tiny.py")
 
 
 def _parse(config_file: str, *overrides: str) -> ml_collections.ConfigDict:

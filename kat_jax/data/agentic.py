@@ -20,8 +20,9 @@ carries the expert's taxonomy label and ``meta`` (task id — the corpus splits 
 expert, environment, step statuses, grade), and renders with loss on the assistant turns only
 (``chat.render``; the mistaken first attempt of ``code_fix`` is not trained at all).
 
-Generation runs ``config.num_threads`` episodes at once over the shared pool (a fresh
-environment per episode); the output order is the task order whatever the threads do.
+Sandboxed episodes (code, repo) run ``config.num_threads`` at once over the shared pool (a fresh
+environment per episode), math episodes in the calling thread; the output order is the plan's
+whatever the threads do.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import ml_collections
 
 from kat_jax.data import chat
 from kat_jax.data import corpora
+from kat_jax.data import instructions
 from kat_jax.data.config import split_list
 from kat_jax.data.corpora import jsonl
 from kat_jax.data.procedural import generate, math_tasks, repos
@@ -46,6 +48,7 @@ from kat_jax.sandbox import SandboxPool
 CONFIG_PATH = "agentic"   # how errors name this config's fields
 TRAJECTORIES_FILE = "trajectories_{split}.jsonl"
 INSTRUCTIONS_FILE = "instructions_{split}.jsonl"
+SANDBOXED_ENVS = ("code", "repo")   # environments whose steps wait on the sandbox pool
 DEFAULT_OUT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "kat_jax", "agentic")
 
 
@@ -152,8 +155,17 @@ def teacher_trajectories(config: ml_collections.ConfigDict, pool: SandboxPool
   """The kept conversations of every planned episode (in plan order) and a report:
   ``{expert: {"episodes", "kept", "turns", "dropped": {reason: n}}}``."""
   plan = episode_plan(config)
+  run_job = lambda job: run_episode(job[0], job[1], pool, config)
+  # Sandboxed episodes wait on the pool, so they run on threads; the others run here (math is
+  # graded in this process by sympy, whose parser builds ASTs: not thread-safe in CPython 3.11).
+  threaded = [i for i, (expert, _) in enumerate(plan)
+              if experts.get_expert(expert).env in SANDBOXED_ENVS]
+  episodes: list = [None] * len(plan)
   with concurrent.futures.ThreadPoolExecutor(max_workers=int(config.num_threads)) as executor:
-    episodes = list(executor.map(lambda job: run_episode(job[0], job[1], pool, config), plan))
+    for i, episode in zip(threaded, executor.map(run_job, [plan[i] for i in threaded])):
+      episodes[i] = episode
+  for i in sorted(set(range(len(plan))) - set(threaded)):
+    episodes[i] = run_job(plan[i])
   report: dict = {}
   kept = []
   for episode in episodes:
@@ -174,7 +186,6 @@ def teacher_trajectories(config: ml_collections.ConfigDict, pool: SandboxPool
 def instruction_conversations(config: ml_collections.ConfigDict) -> list[chat.Conversation]:
   """``config.instructions`` instruction-following conversations (``data.instructions``); the
   held-out split draws from another seed stream."""
-  from kat_jax.data import instructions  # pylint: disable=g-import-not-at-top
   seed = config.seed * 2 + generate.SPLITS.index(config.split)
   examples = instructions.make_examples(seed, config.instructions,
                                         max_constraints=config.instruction_max_constraints)

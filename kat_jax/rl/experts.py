@@ -44,6 +44,7 @@ import dataclasses
 import difflib
 import hashlib
 import re
+import threading
 from typing import Any, Callable, Generator, Optional, Sequence
 
 import numpy as np
@@ -116,9 +117,13 @@ def _require(task: Any, kind: type, expert: str) -> None:
 
 # -- code ---------------------------------------------------------------------------------------
 
+# CPython 3.11 builds AST objects with process-global state (concurrent ast.parse calls can fail
+# with "AST constructor recursion depth mismatch"): experts on several threads mutate one at a time.
+_AST_LOCK = threading.Lock()
 _VISIBLE_LINE = re.compile(r"^  \S.* == .+$", re.MULTILINE)
 _FAILED = re.compile(r"^FAILED (\w+): (.+)$", re.MULTILINE)
 _EXPECTED = re.compile(r"^  expected: (.+)$", re.MULTILINE)
+_ALL_PASSED = re.compile(r"All \d+ visible tests passed\.")
 
 
 def _visible_count(opening: base.Observation, task: Task) -> int:
@@ -131,7 +136,8 @@ def _visible_count(opening: base.Observation, task: Task) -> int:
 def first_attempt(task: Task, visible: int) -> bugs.BuggyVariant:
   """The mistaken first attempt of ``code_fix``: a mutant of the reference failing at least one
   of the first ``visible`` tests (any failing mutant when none does), chosen by the task id."""
-  variants = bugs.buggy_variants(task, max_variants=None)
+  with _AST_LOCK:
+    variants = bugs.buggy_variants(task, max_variants=None)
   if not variants:
     raise ValueError(f"task {task.task_id}: the reference has no failing mutant to start from")
   shown_failing = [v for v in variants if not all(v.report.passed[:max(visible, 1)])]
@@ -179,15 +185,16 @@ def code_direct(task: Task, opening: base.Observation):
 
 def code_fix(task: Task, opening: base.Observation):
   """A mutant first attempt (not trained) → run_tests → read the real report → fix → run_tests
-  → submit; a first attempt that the report says passes is submitted as it is."""
+  → submit; a first attempt that the report says passes every visible test is submitted as it
+  is (and then graded as failed: the episode is not kept)."""
   _require(task, Task, "code_fix")
   attempt = first_attempt(task, _visible_count(opening, task))
   answer = yield _assistant(
       f"Here is a first version of `{task.entry_point}`; let me run the visible tests.",
       _call("run_tests", code=attempt.code), train=False)
   report = _text(answer)
-  if not _FAILED.search(report):
-    yield _assistant("The visible tests pass. Submitting.", _call("submit", code=attempt.code))
+  if _ALL_PASSED.match(report):
+    yield _assistant(f"{report.splitlines()[0]} Submitting.", _call("submit", code=attempt.code))
     return
   old, new = changed_lines(attempt.code, task.solution)
   fix = (f"The faulty line is `{old[0]}`; it should be `{new[0]}`." if len(old) == len(new) == 1

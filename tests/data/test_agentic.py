@@ -336,3 +336,32 @@ def test_bad_balance_is_named(dataset, init_workdir, tmp_path):
   with pytest.raises(ValueError, match=r"data.trajectories.balance='cells'; use ''"):
     stages.get_stage("sft").make_data(c, str(tmp_path), split="train", batch_size=4, seed=0,
                                       shard_index=0, shard_count=1)
+
+
+def test_tool_call_measure_counts_expert_turns_valid_and_broken_ones_not(pool, tasks):
+  """The learning measurement (experiments/bench_sft_toolcalls.py) on turns whose verdict is
+  known: an expert's are valid tool calls; the same with a brace dropped or a tag missing are not."""
+  from types import SimpleNamespace
+  from experiments.bench_sft_toolcalls import classify_turns
+  episode = run(pool, "code_direct", tasks["code"][0])
+  tools = episode.conversation.tools
+  bodies = [chat.render_assistant_body(m) + special_tokens.IM_END
+            for m in episode.conversation.messages if m.role == "assistant"]
+  broken = [bodies[0].replace('"}}', '"}'), bodies[1].replace(special_tokens.TOOL_CALL_OPEN, ""),
+            "I will submit now." + special_tokens.IM_END]
+
+  def trajectory(turn_texts):
+    ids = [np.asarray(TOK.encode(t.replace(special_tokens.IM_END, "")) +
+                      [TOK.token_id(special_tokens.IM_END)], np.int32) for t in turn_texts]
+    gap = np.asarray(TOK.encode("\n<observation>\n"), np.int32)
+    tokens = np.concatenate([x for i in ids for x in (i, gap)])
+    sampled = np.concatenate([x for i in ids for x in (np.ones(len(i), bool),
+                                                       np.zeros(len(gap), bool))])
+    turn = np.concatenate([np.full(len(i) + len(gap), k) for k, i in enumerate(ids)])
+    return SimpleNamespace(tokens=tokens, sampled=sampled, turn=turn, num_turns=len(ids))
+
+  assert [(v["valid"], v["schema"], v["error"]) for v in classify_turns(
+      trajectory(bodies), TOK, tools)] == [(True, True, None)] * 2
+  verdicts = classify_turns(trajectory(broken), TOK, tools)
+  assert [(v["valid"], v["attempted"], v["error"]) for v in verdicts] == [
+      (False, True, "invalid_json"), (False, False, "unopened_tag"), (False, False, None)]
