@@ -46,22 +46,7 @@ LIMITS = Limits(wall_time_s=3.0, cpu_time_s=2, memory_bytes=256 << 20, max_proce
 ENV_CONFIG = {"tool_timeout_s": 0.5, "max_observation_chars": 800}
 
 
-class Tokenizer(ByteTokenizer):
-  """The byte-level test tokenizer, decoding invalid UTF-8 (a random model's bytes) leniently."""
-
-  def decode(self, ids):
-    out, buf = [], bytearray()
-    for i in ids:
-      i = int(i)
-      if i in self.by_id:
-        out += [buf.decode("utf-8", "replace"), self.by_id[i]]
-        buf = bytearray()
-      else:
-        buf.append(i)
-    return "".join(out + [buf.decode("utf-8", "replace")])
-
-
-TOK = Tokenizer()
+TOK = ByteTokenizer()   # decodes a random model's invalid UTF-8 with replacement characters
 IM_END = TOK.token_id(st.IM_END)
 NEWLINE = TOK.encode("\n")
 _SPECIALS = re.compile("(" + "|".join(re.escape(s) for s in st.ALL) + ")")

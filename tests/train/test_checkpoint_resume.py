@@ -1,10 +1,8 @@
 """A run killed with SIGKILL and restarted on the same workdir ends bitwise equal to an
 uninterrupted run (model, optimizer state and data position all restored)."""
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -12,6 +10,9 @@ import pytest
 
 from configs import synthetic_tiny
 from kat_jax.train import loop
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kill_helpers import kill_after_checkpoint  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, EVERY, KILL_AFTER = 12, 4, 8
@@ -46,17 +47,7 @@ def test_kill_and_resume_is_bitwise_equal(tmp_path):
   assert f"finished: step {STEPS} (started at 0)" in out and "checkpoints: " in out
   assert "orbax" not in err.lower() and " INFO " not in err, err[-2000:]
 
-  p = _launch(killed)
-  marker = os.path.join(killed, "checkpoints", str(KILL_AFTER))
-  deadline = time.time() + 600
-  while not os.path.isdir(marker) and p.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  assert p.poll() is None, "the run finished before it could be killed"
-  os.kill(p.pid, signal.SIGKILL)
-  p.wait()
-  assert p.returncode == -signal.SIGKILL
-  steps_left = sorted(int(d) for d in os.listdir(os.path.join(killed, "checkpoints")) if d.isdigit())
-  assert STEPS not in steps_left, steps_left
+  kill_after_checkpoint(_launch(killed), killed, KILL_AFTER, STEPS)
 
   p = _launch(killed)
   out, err = p.communicate(timeout=600)

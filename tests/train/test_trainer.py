@@ -3,12 +3,9 @@ back its extra state and bitwise params; ``score`` equals the plain model on eac
 and the train step's own log-probs (PPO ratio exactly 1 at the scored params); the reference copy
 stays frozen; ``init_from`` into a value-head config zero-fills the missing head."""
 import os
-import signal
 import subprocess
 import sys
-import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +21,7 @@ from kat_jax.tree.logprobs import batch_to_arrays, pairs_from_flat
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import trainer_driver  # noqa: E402
+from kill_helpers import kill_after_checkpoint  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, EVERY, KILL_AFTER = 12, 4, 8
@@ -58,16 +56,7 @@ def test_trainer_loop_equals_loop_train_and_survives_kill(tmp_path):
   _, err = p.communicate(timeout=600)
   assert p.returncode == 0, err[-3000:]
   # ... and killed with SIGKILL after checkpoint KILL_AFTER, then restarted.
-  p = _launch(killed)
-  marker = os.path.join(killed, "checkpoints", str(KILL_AFTER))
-  deadline = time.time() + 600
-  while not os.path.isdir(marker) and p.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  assert p.poll() is None, "the run finished before it could be killed"
-  os.kill(p.pid, signal.SIGKILL)
-  p.wait()
-  steps_left = sorted(int(d) for d in os.listdir(os.path.join(killed, "checkpoints")) if d.isdigit())
-  assert STEPS not in steps_left, steps_left
+  kill_after_checkpoint(_launch(killed), killed, KILL_AFTER, STEPS)
   p = _launch(killed)
   _, err = p.communicate(timeout=600)
   assert p.returncode == 0, err[-3000:]
