@@ -1,11 +1,15 @@
 """Loader throughput: packed tokens/s of kat_jax's LM iterator, beside grain's own packer.
 
-  python -m experiments.bench_data [--batch_size=8 --seq_len=1024 --num_batches=200 --data_dir=DIR]
-  python -m experiments.bench_data --cases=loader_vs_step [--step_preset=small --step_batch_size=4
+  python -m experiments.bench_data [--preset=small --batch_size=8 --seq_len=1024 --num_batches=200
+      --data_dir=DIR]
+  python -m experiments.bench_data --cases=loader_vs_step [--preset=small --step_batch_size=4
       --step_seq_len=256 --step_steps=2 --step_rounds=2]
 
 Prints one JSON object per case on stdout. Cases (all on the configured code corpus, default the
-Python standard library, with the same tokenizer, same batch shape, after one warm-up batch):
+Python standard library, with the same tokenizer, same batch shape, after one warm-up batch). The
+tokenizer is the one the model of ``--preset`` would train with: trained on the corpus with that
+preset's ``vocab_size`` (8,192 for ``small``), so tokens per document, and with them tokens/s,
+are those of that model's data:
 
 * ``kat_fim_off``           make_lm_iterator, FIM off, documents tokenized ahead on worker threads
 * ``kat_fim_off_no_prefetch``  the same on the calling thread only
@@ -15,7 +19,7 @@ Python standard library, with the same tokenizer, same batch shape, after one wa
   ``to_iter_dataset`` with 2 read threads → ``grain.experimental.ConcatThenSplitIterDataset`` →
   ``batch``: grain's own packer (inputs / segment ids / positions only, no targets or weights).
 * ``loader_vs_step``        the loader with FIM on (as ``kat_fim_on``) against the train step of
-  ``--step_preset`` (``experiments.bench_train.measure``), both at ``--step_batch_size`` ×
+  ``--preset`` (``experiments.bench_train.measure``), both at ``--step_batch_size`` ×
   ``--step_seq_len``, in this run: ``loader_tokens_per_s``, ``step_tokens_per_s``, ``ratio`` and
   ``goal_met`` (ratio ≥ ``--goal_ratio``, 10: the loader must not be what limits training). The two
   are timed one after the other; in training they share the host's cores.
@@ -40,16 +44,19 @@ import numpy as np
 from kat_jax.data import config as config_lib
 from kat_jax.data import pipeline
 from kat_jax.data import tokenizer as tokenizer_lib
+from kat_jax.model import get_preset
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Tokens per row.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 200, "Timed batches per case.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS cache ('' = the default cache).")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Tokenizer cache ('' = a temporary directory).")
+_CODE_ROOT = flags.DEFINE_string("code_root", "", "Code corpus root ('' = the Python stdlib).")
+_PRESET = flags.DEFINE_string("preset", "small", "Model preset: its vocab_size sizes the "
+                              "tokenizer of every case; loader_vs_step times its train step.")
 _CASES = flags.DEFINE_list("cases", ["kat_fim_off", "kat_fim_off_no_prefetch", "kat_fim_on",
                                      "kat_mixture", "grain_concat_then_split", "loader_vs_step"],
                            "Cases to run.")
-_STEP_PRESET = flags.DEFINE_string("step_preset", "small", "loader_vs_step: model preset.")
 _STEP_BATCH_SIZE = flags.DEFINE_integer("step_batch_size", 4, "loader_vs_step: rows per batch.")
 _STEP_SEQ_LEN = flags.DEFINE_integer("step_seq_len", 256, "loader_vs_step: tokens per row.")
 _STEP_STEPS = flags.DEFINE_integer("step_steps", 2, "loader_vs_step: timed train steps per round.")
@@ -148,7 +155,15 @@ def compare_loader_with_step(data_config, tokenizer, *, preset: str, batch_size:
   The step is ``experiments.bench_train.measure`` run in a child Python process: bench_train defines
   absl flags of the same names as this module's (``--batch_size``, ``--seq_len``), so it cannot be
   imported here, and the child keeps the loader's threads and the step's JAX runtime apart.
+  ``tokenizer`` must be the model's: a vocabulary of the preset's ``vocab_size``.
   """
+  model_vocab = int(get_preset(preset).vocab_size)
+  if tokenizer.vocab_size != model_vocab:
+    raise ValueError(
+        f"the loader's tokenizer has vocab_size {tokenizer.vocab_size} but preset {preset!r} has "
+        f"{model_vocab}: train the tokenizer with data_config.vocab_size={model_vocab} (the "
+        f"experiment configs set data.vocab_size = model.vocab_size) so that the loader feeds "
+        f"the tokens this model trains on")
   loader = measure_loader_tokens_per_s(data_config, tokenizer=tokenizer, batch_size=batch_size,
                                        seq_len=seq_len, num_batches=num_batches)
   step = measure_step_tokens_per_s(preset, batch_size=batch_size, seq_len=seq_len, steps=steps,
@@ -173,12 +188,16 @@ def main(argv):
   del argv
   base = config_lib.default_data_config()
   base.data_dir = _DATA_DIR.value
+  base.code.root = _CODE_ROOT.value
+  base.vocab_size = int(get_preset(_PRESET.value).vocab_size)   # the model's tokenizer
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="bench_data_")
   tokenizer = pipeline.get_or_train_tokenizer(base, workdir)
   shape = dict(batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value,
                num_batches=_NUM_BATCHES.value)
   common = dict(shape, corpus=pipeline.code_corpus_builder(base).builder_config.root,
-                vocab_size=tokenizer.vocab_size, cpu_count=os.cpu_count())
+                preset=_PRESET.value, vocab_size=tokenizer.vocab_size,
+                model_vocab_size=int(get_preset(_PRESET.value).vocab_size),
+                cpu_count=os.cpu_count())
   for case in _CASES.value:
     config = base.copy_and_resolve_references()
     if case == "kat_fim_off":
@@ -200,7 +219,7 @@ def main(argv):
       result = measure_grain_baseline_tokens_per_s(config, tokenizer, **shape)
     elif case == "loader_vs_step":
       result = compare_loader_with_step(
-          fim_on(config), tokenizer, preset=_STEP_PRESET.value, batch_size=_STEP_BATCH_SIZE.value,
+          fim_on(config), tokenizer, preset=_PRESET.value, batch_size=_STEP_BATCH_SIZE.value,
           seq_len=_STEP_SEQ_LEN.value, num_batches=_NUM_BATCHES.value, steps=_STEP_STEPS.value,
           rounds=_STEP_ROUNDS.value, goal_ratio=_GOAL_RATIO.value)
       print(json.dumps({"case": case, **common, **result}), flush=True)

@@ -16,7 +16,8 @@ TrainState; ``--step`` picks one, default latest) with the model config from
 
 Params are placed on a mesh of all devices (``--mesh=data,fsdp,tensor``, default ``1,-1,1``), so a
 32B model converts on an accelerator host without one device holding it; on a multi-host pod pass
-``--multihost`` and run the same command on every host.
+``--multihost`` and run the same command on every host. A failed conversion ends with one last
+line ``error: <root cause>`` naming the file or flag (``errors.run_main``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from typing import Optional
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from kat_jax import config as config_lib
+from kat_jax import errors
 from kat_jax import workdir as workdir_lib
 
 _FROM_HF = flags.DEFINE_string("from_hf", None, "Hugging Face checkpoint directory to import.")
@@ -117,6 +120,7 @@ def workdir_to_hf(workdir: str, out_dir: str, *, model_config=None, step: Option
 
 def main(argv):
   del argv
+  errors.quiet_library_noise(bool(flags.FLAGS["verbosity"].present))
   import jax
   if _MULTIHOST.value:
     jax.distributed.initialize()
@@ -142,4 +146,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.run_main(main), flags_parser=config_lib.parse_flags)

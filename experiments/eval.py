@@ -20,7 +20,8 @@ and the tokenizer saved beside it (``DIR/tokenizer``), then for each suite:
 Each prompt gets ``--num_samples`` samples (temperature 0 = greedy when one sample is drawn, unless
 ``--temperature`` says otherwise); pass@k is the unbiased estimator averaged over tasks, for every k
 in ``--ks`` that is <= num_samples. The table is printed and written with every sample's
-completion and verdict to ``DIR/eval/step_<N>.json``.
+completion and verdict to ``DIR/eval/step_<N>.json``. A failed run ends with one last line
+``error: <root cause>`` (``errors.run_main``).
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 # Scoring (code extraction, sandbox jobs, pass@k records) lives in kat_jax.eval.scoring.
+from kat_jax import config as config_lib
+from kat_jax import errors
 from kat_jax import workdir as workdir_lib
 from kat_jax.eval.sampling import sample_completions
 from kat_jax.eval.scoring import (HUMANEVAL_STOP_STRINGS, format_table, humaneval_completion,
@@ -175,6 +178,7 @@ def _define_flags() -> dict:
 
 def main(argv, f: dict):
   del argv
+  errors.quiet_library_noise(bool(flags.FLAGS["verbosity"].present))
   values = {name: flag.value for name, flag in f.items()}
   if not values["config"] or not values["workdir"]:
     raise app.UsageError("--config and --workdir are required")
@@ -187,4 +191,4 @@ def main(argv, f: dict):
 
 if __name__ == "__main__":
   _flags = _define_flags()
-  app.run(lambda argv: main(argv, _flags))
+  app.run(errors.run_main(lambda argv: main(argv, _flags)), flags_parser=config_lib.parse_flags)

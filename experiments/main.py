@@ -7,9 +7,16 @@ Restarting with the same --workdir resumes from its latest checkpoint. On a mult
 multi-GPU cluster pass --multihost so every process joins ``jax.distributed.initialize()`` first
 (docs/LAUNCH.md). The console shows a progress bar, one line per ``config.train.log_every`` steps
 and a summary at the end; library INFO logs (Orbax, TFDS) appear with ``--verbosity=0``.
+
+A failed run ends with the traceback and one last line ``error: <root cause>`` (``errors.run_main``);
+Orbax / TensorStore log records appear only with ``--verbosity``. An override of an undeclared field
+is refused with the closest declared names (``config.parse_flags``).
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from kat_jax import config as config_lib
+from kat_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -19,9 +26,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def quiet_library_logs() -> None:
-  """Library INFO chatter off unless --verbosity was given (absl's default is INFO)."""
-  if not flags.FLAGS["verbosity"].present:
+  """Library INFO chatter (and Orbax / TensorStore records) off unless --verbosity was given
+  (absl's default is INFO)."""
+  verbose = bool(flags.FLAGS["verbosity"].present)
+  if not verbose:
     logging.set_verbosity(logging.WARNING)
+  errors.quiet_library_noise(verbose)
 
 
 def main(argv):
@@ -40,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.run_main(main), flags_parser=config_lib.parse_flags)

@@ -2,8 +2,18 @@
 
 Every check raises ``ConfigError`` whose message names the offending field, its value and the fix,
 so a typo on the command line (``--config.mesh.tensor=3``) fails before any compilation.
+
+``parse_flags`` is the absl flag parser of the command-line programs: an override of a field the
+config does not declare (``--config.model.preset=small``) ends the program with one line naming the
+field and the closest declared names ("did you mean ...") instead of ml_collections' bare
+``AttributeError``.
 """
 from __future__ import annotations
+
+import difflib
+import importlib.util
+import sys
+from typing import Optional, Sequence
 
 import ml_collections
 
@@ -29,8 +39,31 @@ def _positive(train, fields) -> None:
       raise ConfigError(f"config.train.{field}={train[field]} must be positive")
 
 
+def _validate_model_name(model_cfg: ml_collections.ConfigDict) -> None:
+  """``config.model.name`` is a label (a preset's name, or ``hf_<type>`` for an import); it never
+  chooses shapes, so an unknown one is refused rather than silently ignored."""
+  name = model_cfg.name if "name" in model_cfg else ""
+  if name in presets.preset_names() or str(name).startswith("hf_"):
+    return
+  close = difflib.get_close_matches(str(name), presets.preset_names(), n=1)
+  raise ConfigError(
+      f"config.model.name={name!r} is not a model preset {presets.preset_names()} nor an imported "
+      f"'hf_<model_type>' model{f' (did you mean {close[0]!r}?)' if close else ''}. The name is "
+      "only a label: the preset is chosen in the experiment file (get_base_config(<preset>)) and "
+      "shapes are set field by field (--config.model.d_model=...)")
+
+
+def _validate_tree(cfg: ml_collections.ConfigDict) -> None:
+  if "tree" not in cfg:
+    return
+  for field in ("max_tokens", "max_nodes", "max_traj", "max_len"):
+    if field in cfg.tree and cfg.tree[field] <= 0:
+      raise ConfigError(f"config.tree.{field}={cfg.tree[field]} must be positive")
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   """Cross-field checks of a full experiment config against the devices at hand."""
+  _validate_model_name(require(cfg, "model"))
   model = presets.ModelConfig.from_config(require(cfg, "model"))
   mesh_shape = sharding.mesh_shape(require(cfg, "mesh"), num_devices)
   train = require(cfg, "train")
@@ -60,6 +93,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     settings_from_config(train.prune)
   except ValueError as e:
     raise ConfigError(f"config.train.{e}") from None
+  _validate_tree(cfg)
 
 
 def _validate_objective(train, model) -> None:
@@ -96,3 +130,77 @@ def _validate_objective(train, model) -> None:
     raise ConfigError(
         f"config.train.kl_coef={train.kl_coef} needs the reference policy's log-probs: set "
         "--config.train.use_reference=True (or --config.train.kl_coef=0)")
+
+
+# ---------------------------------------------------------------------------------- the CLI
+
+def _load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """The ConfigDict of ``--config=path.py[:arg]`` (as ml_collections' config flag loads it)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_kat_jax_cli_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _paths(node, prefix: str = "") -> list[str]:
+  out = []
+  for key, value in node.items():
+    out.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      out += _paths(value, f"{prefix}{key}.")
+  return out
+
+
+def unknown_field(cfg: ml_collections.ConfigDict, path: str, flag: str = "config") -> Optional[str]:
+  """The message for ``--{flag}.{path}`` if ``path`` is not declared in ``cfg`` (else None): the
+  missing field, the closest names in its block and the same name elsewhere ("did you mean")."""
+  node, walked = cfg, []
+  for part in path.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return (f"--{flag}.{path}: config.{'.'.join(walked)} is a value ({node!r}), not a block of "
+              "fields")
+    if part not in node:
+      block = "config" + "".join(f".{w}" for w in walked)
+      close = [f"{block}.{c}" for c in difflib.get_close_matches(part, list(node.keys()), n=3)]
+      close += [f"config.{p}" for p in _paths(cfg) if p.rsplit(".", 1)[-1] == part]
+      hint = f"; did you mean {' or '.join(close)}?" if close else (
+          f"; its fields: {sorted(node.keys())}" if len(node) <= 40 else "")
+      if walked == ["model"] and part == "preset":
+        hint += (" (a model preset is chosen in the experiment file, get_base_config(<preset>); "
+                 "override its fields one by one, --config.model.d_model=...)")
+      return f"--{flag}.{path}: {block} has no field {part!r}{hint}"
+    node, walked = node[part], walked + [part]
+  return None
+
+
+def _config_overrides(argv: Sequence[str], flag: str) -> tuple[Optional[str], list[str]]:
+  spec, paths = None, []
+  args = list(argv[1:])
+  for i, arg in enumerate(args):
+    if arg.startswith(f"--{flag}="):
+      spec = arg.split("=", 1)[1]
+    elif arg == f"--{flag}" and i + 1 < len(args):
+      spec = args[i + 1]
+    elif arg.startswith(f"--{flag}."):
+      paths.append(arg[len(flag) + 3:].split("=", 1)[0])
+  return spec, paths
+
+
+def parse_flags(argv: Sequence[str], flag: str = "config") -> list[str]:
+  """``absl.app``'s flag parsing (pass as ``app.run(..., flags_parser=parse_flags)``); an unknown
+  ``--config.<path>`` override exits with status 1 and one line ``error: ConfigError: ...``."""
+  from absl import app  # local: absl is the CLI's dependency, not validation's
+  try:
+    return app.parse_flags_with_usage(list(argv))
+  except (AttributeError, KeyError) as error:
+    spec, paths = _config_overrides(argv, flag)
+    try:
+      cfg = _load_config_file(spec) if spec else None
+      messages = [m for m in (unknown_field(cfg, p, flag) for p in paths) if m] if cfg else []
+    except Exception:  # noqa: BLE001 - the original error then speaks for itself
+      messages = []
+    if not messages:
+      raise error
+    sys.stderr.write("".join(f"error: ConfigError: {m}\n" for m in messages))
+    sys.exit(1)

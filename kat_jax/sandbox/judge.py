@@ -100,6 +100,9 @@ class _Program:
       self._broken(f"protocol violation: {str(error)[:200]}")
     if type(reply) is not dict:
       self._broken("protocol violation: a reply that is not an object")
+    if reply.get("op") == "harness_error":
+      self._broken("the sandbox's code in the program process crashed: "
+                   f"{str(reply.get('error'))[:_ERROR_CHARS]}")
     return reply
 
   def send(self, message: dict) -> None:

@@ -205,8 +205,12 @@ class SandboxPool:
       self._statuses[result.status] += 1
     return result
 
-  def _spawn(self, fds: list[int]) -> int:
-    """Forks a judge through the zygote, restarting a dead zygote once."""
+  def _spawn(self) -> tuple[int, list[int]]:
+    """Forks a judge through the zygote with five fresh pipes; returns its pid and the host ends
+    (job input, events, diagnostics, stdout, stderr). A zygote found dead, or dying mid-spawn, is
+    restarted once — and the retry gets new pipes: a zygote can die after forking the judge, and
+    that orphaned judge holds the first pipes (it reads EOF once their host ends are closed, and
+    exits), so they are never handed to a second judge."""
     for attempt in range(2):
       with self._zygote_lock:
         zygote = self._zygote
@@ -214,17 +218,25 @@ class SandboxPool:
           log.warning("sandbox zygote exited (code %s); restarting it", zygote._process.poll())
           zygote.close()
           zygote = self._zygote = _Zygote()
+      child_ends, host_ends = _job_pipes()
       try:
-        return zygote.spawn(fds)
-      except ForkFailed:
-        raise  # the zygote is fine; the machine refused a process (reported as harness_error)
-      except OSError:  # the zygote died under us (EPIPE, ECONNRESET, EOF)
-        if attempt == 1:
+        pid = zygote.spawn(child_ends)
+      except BaseException as error:
+        for fd in host_ends:
+          os.close(fd)
+        # ForkFailed: the zygote is fine, the machine refused a process (a harness_error).
+        if isinstance(error, ForkFailed) or not isinstance(error, OSError) or attempt == 1:
           raise
+        # The zygote died under us (EPIPE, ECONNRESET, EOF).
         with self._zygote_lock:
           if self._zygote is zygote:
             zygote.close()
             self._zygote = _Zygote()
+        continue
+      finally:
+        for fd in child_ends:
+          os.close(fd)
+      return pid, host_ends
     raise AssertionError("unreachable")
 
   def _run(self, job: Job) -> Result:
@@ -249,22 +261,7 @@ class SandboxPool:
                            "drop_privileges": self.isolation.drop_privileges})
     payload = _frame(spec) + _frame(tests_message)
 
-    job_in_r, job_in_w = os.pipe()
-    events_r, events_w = os.pipe()
-    diag_r, diag_w = os.pipe()
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    child_ends = [job_in_r, events_w, diag_w, out_w, err_w]
-    host_ends = [job_in_w, events_r, diag_r, out_r, err_r]
-    try:
-      pid = self._spawn(child_ends)
-    except BaseException:
-      for fd in host_ends:
-        os.close(fd)
-      raise
-    finally:
-      for fd in child_ends:
-        os.close(fd)
+    pid, (job_in_w, events_r, diag_r, out_r, err_r) = self._spawn()
     try:
       pidfd = os.pidfd_open(pid)
     except OSError:
@@ -280,6 +277,22 @@ class SandboxPool:
     if host_reason is not None or not end:
       _kill_uid(uid)  # whatever the job left behind (normally nothing)
     return _assemble(job, io, host_reason, time.perf_counter() - start)
+
+
+def _job_pipes() -> tuple[list[int], list[int]]:
+  """Five pipes of one job: (the judge's ends, the host's ends), in the judge's fd order (job
+  input, events, diagnostics, stdout, stderr); none is left open if the host runs out of fds."""
+  pipes = []
+  try:
+    for _ in range(5):
+      pipes.append(os.pipe())
+  except OSError:
+    for pair in pipes:
+      for fd in pair:
+        os.close(fd)
+    raise
+  (job_in_r, job_in_w), *outputs = pipes
+  return [job_in_r] + [w for _, w in outputs], [job_in_w] + [r for r, _ in outputs]
 
 
 def _frame(obj) -> bytes:

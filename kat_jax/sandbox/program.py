@@ -9,6 +9,8 @@ Messages (judge -> program):
   ``{"op": "test", "nonce", "setup", "code", "exports", "canonicalize"}``  run an inline CodeTest.
 Replies (program -> judge):
   ``{"op": "loaded", "ok", "error_type", "error", "seconds"}`` once, after the program ran;
+  ``{"op": "harness_error", "error"}`` instead of any reply, when the code here crashed after the
+  program rebound or deleted builtins it uses (the judge names that cause; the job fails);
   ``{"op": "result", "id", "ok", "value" | "error_type", "error"}``;
   ``{"op": "test_done", "nonce", "ok", "error_type", "error"}``.
 
@@ -163,6 +165,7 @@ def serve(spec: dict) -> None:
     sys.addaudithook(_block_audit_hooks)
   sys.modules["__main__"] = types.ModuleType("__main__")  # the harness is not the program's main
   namespace = {"__name__": spec["module_name"], "__builtins__": builtins}
+  builtins_before = dict(builtins.__dict__)
   start = time.perf_counter()
   try:
     code = compile(spec["program"], "<program>", "exec")
@@ -172,6 +175,44 @@ def serve(spec: dict) -> None:
     error_type, message = describe(error)
     loaded = {"op": "loaded", "ok": False, "error_type": error_type, "error": message}
   loaded["seconds"] = time.perf_counter() - start
+  try:
+    _answer(spec, namespace, loaded, pristine, inline, max_bytes)
+  except BaseException as error:  # noqa: BLE001
+    tampered = restore_builtins(builtins_before)
+    if not tampered:
+      raise
+    report_tampering(tampered, error)
+
+
+_MISSING = object()
+
+
+def restore_builtins(before: dict) -> list:
+  """Puts back every ``builtins`` binding the program changed or deleted since ``before`` was
+  taken; returns their names. Uses no builtin name itself (they may be the program's)."""
+  current = builtins.__dict__
+  changed = []
+  for name, value in before.items():
+    if current.get(name, _MISSING) is not value:
+      current[name] = value
+      changed.append(name)
+  return changed
+
+
+def report_tampering(tampered: list, error: BaseException) -> None:
+  """After the harness code here crashed with the program's builtins in place (now restored):
+  tells the judge the cause (``harness_error``), so the job's error names it."""
+  error_type, message = describe(error)
+  shown = ", ".join(f"builtins.{name}" for name in sorted(tampered)[:8])
+  _send({"op": "harness_error",
+         "error": f"the program rebound or deleted {shown}{' ...' if len(tampered) > 8 else ''}, "
+                  f"which the sandbox's own code in the program process uses; that code then "
+                  f"failed ({error_type}: {message[:500]}). Do not modify builtins"})
+
+
+def _answer(spec: dict, namespace: dict, loaded: dict, pristine, inline: bool,
+            max_bytes: int) -> None:
+  """Sends the load report, then answers requests until the judge closes the pipe."""
   _flush_output()
   _send(loaded)
   if not loaded["ok"]:

@@ -75,7 +75,7 @@ def load_state(config: ml_collections.ConfigDict, workdir: str, step: Optional[i
   ckpt_dir = workdir_lib.checkpoints_dir(workdir)
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-  trainer = Trainer(config, workdir, restore_step=step)
+  trainer = Trainer(config, workdir, restore_step=step, lock=False)
   trainer.close()
   if trainer.restored_step is None:
     raise FileNotFoundError(f"no checkpoint in {trainer.checkpointer.directory}")

@@ -16,6 +16,14 @@ current params. Nothing else owns a mesh, a train state or a checkpoint::
       trainer.save({"rng": key, "curriculum": level})   # every config.train.checkpoint_every steps
     trainer.close()
 
+One trainer writes a workdir: the constructor takes its lock (``workdir.WorkdirLock``; process 0
+of a multi-host job, for the job) and a second trainer is refused at once naming the holder;
+``lock=False`` opens a workdir read-only (evaluating a checkpoint beside a live run; ``save`` then
+refuses). A save that fails (disk full) stops the run: ``save`` — or, for an asynchronous save,
+the next ``step`` — raises ``CheckpointWriteError`` naming the step, directory, OS error and last
+good checkpoint. Restoring skips unreadable steps (moved to ``checkpoints/corrupt/``) and a
+changed model is a ``ConfigError`` naming each parameter (``kat_jax.checkpoint``).
+
 ``extra_state`` is any pytree of JSON values, numpy / JAX arrays and PRNG keys the driving loop owns
 (``kat_jax.checkpoint`` stores it exactly beside the train state); a restarted run gets it back from
 ``trainer.extra_state`` with bitwise-equal params.
@@ -38,6 +46,7 @@ from jax.experimental import multihost_utils
 
 from kat_jax import checkpoint as checkpoint_lib
 from kat_jax import config as config_lib
+from kat_jax import errors
 from kat_jax import sharding as sharding_lib
 from kat_jax import workdir as workdir_lib
 from kat_jax.model import ModelConfig, Transformer
@@ -77,14 +86,51 @@ class Trainer:
   ``loss`` overrides ``config.train.loss`` (a registered name; both empty: the default loss of
   ``config.stage``); ``total_steps`` bounds the progress
   bar (default ``config.train.steps``; the schedule always spans ``config.train.steps``);
-  ``restore_step`` restores that checkpoint step instead of the latest."""
+  ``restore_step`` restores that checkpoint step instead of the latest; ``lock=False`` opens the
+  workdir read-only (no lock taken, no partial saves cleaned up, ``save`` refuses)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
                loss: Optional[str] = None, total_steps: Optional[int] = None,
-               restore_step: Optional[int] = None):
+               restore_step: Optional[int] = None, lock: bool = True):
     config_lib.validate(config, jax.device_count())
     self.config, self.workdir = config, workdir
     os.makedirs(workdir, exist_ok=True)
+    self._writable = lock
+    self._lock = self._take_lock(workdir) if lock else None
+    self._writer: Optional[metrics_lib.MetricWriter] = None
+    try:
+      self._build(restore_step, loss, total_steps)
+    except BaseException:
+      try:
+        if hasattr(self, "checkpointer"):
+          self.checkpointer.close()
+      finally:
+        if self._lock is not None:
+          self._lock.release()
+      raise
+
+  @staticmethod
+  def _take_lock(workdir: str) -> Optional[workdir_lib.WorkdirLock]:
+    """Process 0 locks the workdir for the whole job; every process learns whether it could."""
+    held, refusal = None, None
+    if jax.process_index() == 0:
+      held = workdir_lib.WorkdirLock(workdir)
+      try:
+        held.acquire()
+      except errors.WorkdirLockedError as e:
+        refusal = e
+    if jax.process_count() > 1:
+      ok = int(multihost_utils.broadcast_one_to_all(np.int32(refusal is None)))
+      if not ok and refusal is None:
+        refusal = errors.WorkdirLockedError(
+            f"process 0 could not lock workdir {workdir} (its log names the holder)")
+    if refusal is not None:
+      raise refusal
+    return held
+
+  def _build(self, restore_step: Optional[int], loss: Optional[str],
+             total_steps: Optional[int]) -> None:
+    config, workdir = self.config, self.workdir
     train_cfg = config.train
     self.mesh = sharding_lib.make_mesh(config.mesh)
     self.rules = sharding_lib.rules_from_config(config)
@@ -100,7 +146,8 @@ class Trainer:
         self.model, self.tx, self._example, self.mesh, self.rules)
     self.checkpointer = checkpoint_lib.Checkpointer(
         workdir_lib.checkpoints_dir(workdir), save_every=train_cfg.checkpoint_every,
-        keep=train_cfg.keep_checkpoints, async_save=train_cfg.async_checkpoint)
+        keep=train_cfg.keep_checkpoints, async_save=train_cfg.async_checkpoint,
+        cleanup_partial=self._writable)
     self.extra_state: Any = {}
     self.restored_step: Optional[int] = None
     if restore_step is not None or self.checkpointer.latest_step() is not None:
@@ -114,10 +161,14 @@ class Trainer:
         self.rules)
     self._eval_step = None
     self._score_step = None
-    self._writer: Optional[metrics_lib.MetricWriter] = None
     self._last_log = (time.perf_counter(), self.step_count)
 
   # ------------------------------------------------------------------------------- state
+
+  @property
+  def read_only(self) -> bool:
+    """True when opened with ``lock=False``: the workdir is not this trainer's to write."""
+    return not self._writable
 
   @property
   def params(self) -> Any:
@@ -165,6 +216,9 @@ class Trainer:
   def save(self, extra_state: Any = None, force: bool = False) -> bool:
     """Checkpoints the state and ``extra_state`` at the current step when the interval says so
     (always with ``force``); True if a save started."""
+    if not self._writable:
+      raise RuntimeError(f"this Trainer opened {self.workdir} read-only (lock=False): it does not "
+                         "save checkpoints there")
     if extra_state is not None:
       self.extra_state = extra_state
     return self.checkpointer.save(self.step_count, self.state, self.extra_state, force=force)
@@ -182,7 +236,9 @@ class Trainer:
 
   def step(self, batch: dict) -> dict:
     """One optimizer step on a host-local batch; returns the metrics (device arrays). Checks them
-    for finiteness every ``config.train.check_finite_every`` steps (``check_finite``)."""
+    for finiteness every ``config.train.check_finite_every`` steps (``check_finite``). Raises
+    ``CheckpointWriteError`` first if an asynchronous save has failed since the last step."""
+    self.checkpointer.check()
     self.state, metrics = self._train_step(self.state, self.to_global(batch), self._rng)
     self._step_count += 1
     if self._step_count % self.config.train.check_finite_every == 0:
@@ -282,6 +338,10 @@ class Trainer:
     try:
       self.checkpointer.wait()
     finally:
-      self.checkpointer.close()
-      if self._writer is not None:
-        self._writer.close()
+      try:
+        self.checkpointer.close()
+        if self._writer is not None:
+          self._writer.close()
+      finally:
+        if self._lock is not None:
+          self._lock.release()

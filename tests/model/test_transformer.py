@@ -92,7 +92,8 @@ def test_rope_shift_invariance_and_value_head():
   np.testing.assert_array_equal(a.values, 0.0)   # zero-initialized critic head
 
 
-def test_bfloat16_compute_and_remat_match_float32():
+def test_remat_matches_no_remat_values_and_gradients():
+  # (bf16 compute against float32: tests/model/test_bf16.py)
   base = _tiny()
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, base.vocab_size, (2, 16)), jnp.int32)
   pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
@@ -108,8 +109,6 @@ def test_bfloat16_compute_and_remat_match_float32():
   np.testing.assert_allclose(remat_v, ref_v, rtol=1e-6)
   for x, y in zip(jax.tree.leaves(remat_g), jax.tree.leaves(ref_g)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
-  bf_v = loss(_tiny(dtype="bfloat16"), params)
-  np.testing.assert_allclose(bf_v, ref_v, rtol=3e-2)
 
 
 @pytest.mark.parametrize("chunk", [5, 8, 64])

@@ -54,8 +54,24 @@ def read_header(path: str) -> tuple[dict, int]:
     (length,) = struct.unpack("<Q", prefix)
     if length > 100 << 20:
       raise ValueError(f"{path}: header length {length} is implausible; not a safetensors file")
-    header = json.loads(f.read(length))
+    raw = f.read(length)
+    size = os.fstat(f.fileno()).st_size
+  if len(raw) < length:
+    raise ValueError(f"{path} is truncated: its header declares {length} bytes of JSON but the "
+                     f"file has {size} bytes in all; download or copy it again")
+  try:
+    header = json.loads(raw)
+  except ValueError as error:   # JSONDecodeError, UnicodeDecodeError
+    raise ValueError(f"{path}: the safetensors header is not valid JSON ({error}); the file is "
+                     "corrupt") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
   header.pop("__metadata__", None)
+  data_bytes = max((e["data_offsets"][1] for e in header.values()
+                    if isinstance(e, dict) and "data_offsets" in e), default=0)
+  if 8 + length + data_bytes > size:
+    raise ValueError(f"{path} is truncated: its header describes {data_bytes} bytes of tensor data "
+                     f"but the file holds {size - 8 - length}; download or copy it again")
   return header, 8 + length
 
 
