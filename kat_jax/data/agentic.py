@@ -144,6 +144,42 @@ def run_episode(expert: str, task: Any, pool: SandboxPool,
     env.close()
 
 
+def episodes_config(expert_names, num_episodes: int, *, split: str, seed: int,
+                    heldout_fraction: float, code_levels: str = "0", math_levels: str = "0,1",
+                    repo_level: int = 1, max_turns: int = 16, num_threads: int = 2,
+                    field: str = CONFIG_PATH) -> ml_collections.ConfigDict:
+  """The generation config that runs ``num_episodes`` episodes over ``expert_names`` (a list or
+  a comma-separated string), shared out evenly: expert j of n gets ``num_episodes // n`` (one
+  more for the first ``num_episodes % n``); each environment runs the episodes of its experts,
+  who take turns (``episode_plan``). How the mid-training streams ``data.tool_use`` /
+  ``data.multi_turn`` call the builders of the SFT data; errors name ``<field>.<knob>``."""
+  names = split_list(expert_names)
+  if not names or len(set(names)) != len(names):
+    raise ConfigError(f"{field}.experts={','.join(names)!r}: name each expert once, some of "
+                      f"{sorted(experts.EXPERTS)}")
+  for name in names:
+    if name not in experts.EXPERTS:
+      raise ConfigError(f"{field}.experts: {name!r} is not an expert; use some of "
+                        f"{sorted(experts.EXPERTS)}")
+  if num_episodes < 0:
+    raise ConfigError(f"{field}: the number of episodes must be >= 0, got {num_episodes}")
+  c = default_agentic_config()
+  c.seed, c.split, c.heldout_fraction = int(seed), split, float(heldout_fraction)
+  c.code_levels, c.math_levels, c.repo_level = code_levels, math_levels, int(repo_level)
+  c.max_turns, c.num_threads, c.instructions = int(max_turns), int(num_threads), 0
+  share = [num_episodes // len(names) + (j < num_episodes % len(names))
+           for j in range(len(names))]
+  for env in ("code", "repo", "math"):
+    mine = [j for j, name in enumerate(names) if experts.EXPERTS[name].env == env]
+    c[f"{env}_experts"] = ",".join(names[j] for j in mine)
+    c[f"{env}_episodes"] = sum(share[j] for j in mine)
+  try:
+    _validate(c)
+  except ConfigError as e:   # name the caller's fields, not this module's
+    raise ConfigError(str(e).replace(f"{CONFIG_PATH}.", f"{field}.")) from None
+  return c
+
+
 def _drop_reason(episode: experts.Episode) -> str:
   if not episode.done:
     return f"not_done:{episode.statuses[-1] if episode.statuses else 'no_turn'}"

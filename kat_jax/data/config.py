@@ -11,7 +11,24 @@ import ml_collections
 from kat_jax.data.corpora import source_code
 
 # Names of the mixture streams, in the order used for tie-breaking and metrics.
-STREAMS = ("code", "commits", "trajectories", "instructions", "procedural")
+STREAMS = ("code", "commits", "trajectories", "instructions", "procedural", "tool_use",
+           "multi_turn", "instruction_following")
+
+
+def _episode_stream(experts: str, num_train: int, num_eval: int) -> ml_collections.ConfigDict:
+  """A generated stream of expert episodes (``tool_use``, ``multi_turn``)."""
+  c = ml_collections.ConfigDict()
+  c.experts = experts          # kat_jax.rl.experts names; the episodes are shared out evenly
+  c.num_train = num_train      # episodes run on generator-train tasks (the passed ones are kept)
+  c.num_eval = num_eval        # episodes run on held-out tasks (0 = no eval examples)
+  c.seed = 0                   # task draws
+  c.code_levels = "0"          # difficulty levels of the code experts' function tasks
+  c.math_levels = "0,1"        # levels of the math expert's problems
+  c.repo_level = 1             # level (1 or 2) of the functions in the repository experts' tasks
+  c.max_turns = 16             # per episode; an expert needs at most 9
+  c.workers = 2                # sandbox pool workers while building (does not change the data)
+  c.loss_on = "assistant"      # 'assistant' (as data.procedural) | 'all' | 'assistant_and_tool'
+  return c
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -38,8 +55,16 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.num_threads = 2
 
   # Mixture weights in tokens (normalized over streams with weight > 0).
-  config.mixture = ml_collections.ConfigDict({name: 0.0 for name in STREAMS})
-  config.mixture.code = 1.0
+  config.mixture = ml_collections.ConfigDict()
+  config.mixture.code = 1.0          # source files of data.code (FIM by data.fim)
+  config.mixture.commits = 0.0       # commits of data.commits.repo as request/diff conversations
+  config.mixture.trajectories = 0.0  # JSONL conversations of data.trajectories.paths
+  config.mixture.instructions = 0.0  # JSONL instruction data of data.instructions.paths
+  config.mixture.procedural = 0.0    # procedural function tasks (data.procedural), generated
+  config.mixture.tool_use = 0.0      # expert episodes on function / math tasks (data.tool_use)
+  config.mixture.multi_turn = 0.0    # expert episodes in repositories (data.multi_turn)
+  config.mixture.instruction_following = 0.0  # constraint-checked requests (same-named section)
+  assert set(config.mixture) == set(STREAMS), (sorted(config.mixture), STREAMS)
 
   # Source-code corpus; root '' = the installed Python standard library.
   config.code = ml_collections.ConfigDict(dict(
@@ -77,6 +102,24 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.procedural = ml_collections.ConfigDict(dict(
       families="", levels="0", num_train=1_000, num_eval=100, seed=0, heldout_fraction=0.1,
       loss_on="assistant"))
+
+  # Generated streams (kat_jax.data.corpora.agentic): the SFT data's builders (kat_jax.data.agentic)
+  # run at mid-training. Scripted experts act through the real environments (every tool result a
+  # real sandboxed execution; only the episodes the environment grades passed are kept), and
+  # instruction-following requests carry constraints that code verifies. Built once on first use
+  # into data_dir (a corpus fingerprinting the section, as data.procedural), a few seconds; train
+  # examples come from the procedural generator's train tasks, eval ones from its held-out tasks
+  # (data.procedural.heldout_fraction). Rendered as conversations with loss_on like procedural.
+  # tool_use: function tasks (run_tests / read the report / fix / submit) and math (submit).
+  config.tool_use = _episode_stream("code_direct,code_fix,math_answer", 240, 24)
+  # multi_turn: repositories (search, read_file, str_replace / create_file, run_tests, submit).
+  config.multi_turn = _episode_stream("repo_fix,repo_reproduce,repo_explore", 60, 12)
+  config.instruction_following = ml_collections.ConfigDict()
+  config.instruction_following.num_train = 400    # examples (each category leads in turn)
+  config.instruction_following.num_eval = 40      # from another seed stream, none repeating train
+  config.instruction_following.seed = 0           # example draws
+  config.instruction_following.max_constraints = 2  # constraints per example (1 .. this)
+  config.instruction_following.loss_on = "assistant"  # 'assistant' (as procedural) | 'all'
 
   # Fill-in-the-middle, applied per code document before packing (Bavarian et al. 2022; aiXcoder),
   # by kat_jax.data.fim.apply_fim; the path/language header stays in front, untransformed.

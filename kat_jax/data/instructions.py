@@ -480,6 +480,15 @@ def _lengthen(text: str, min_words: int, ctx: Context) -> str:
   return " ".join(parts)
 
 
+def _one_more_sentence(text: str) -> str:
+  """``text`` with one more sentence after its first one (before it if it has one), so that
+  whatever wraps the sentences (a JSON string, tags) stays as it is."""
+  extra = "One more sentence follows here."
+  if _SENTENCE_END.search(text.strip()):
+    return _SENTENCE_END.sub(f" {extra} ", text, count=1)
+  return f"{extra} {text}"
+
+
 _category(
     "sentence_count", 1,
     draw=lambda rng, topic: {"sentences": _int(rng, 2, 5)},
@@ -487,7 +496,7 @@ _category(
     check=lambda text, p: len(sentences(text)) == p["sentences"],
     comply=lambda text, p, ctx: " ".join(ctx.fill(sentences(text), p["sentences"])
                                          [:p["sentences"]]),
-    violate=lambda text, p: f"{text} One more sentence follows here.")
+    violate=lambda text, p: _one_more_sentence(text))
 
 _category(
     "max_chars", 1,
@@ -501,6 +510,16 @@ _category(
 
 _BULLET = re.compile(r"^\s*[*-]\s+\S", re.MULTILINE)
 _NUMBERED = re.compile(r"^\s*(\d+)[.)]\s+\S", re.MULTILINE)
+
+
+def _drop_last_line(text: str, pattern: re.Pattern, group: int = 0) -> str:
+  """``text`` without the line where ``pattern``'s last match (its ``group``) starts: the last
+  list item or table row, wherever the other constraints put it."""
+  matches = list(pattern.finditer(text))
+  lines = text.split("\n")
+  del lines[text.count("\n", 0, matches[-1].start(group))]
+  return "\n".join(lines)
+
 
 _category(
     "bullet_count", 2,
@@ -522,7 +541,7 @@ _category(
     comply=lambda text, p, ctx: "\n".join(
         f"{i}. {s}" for i, s in enumerate(ctx.fill(sentences(text), p["items"])[:p["items"]],
                                           start=1)),
-    violate=lambda text, p: "\n".join(text.splitlines()[:-1]) if p["items"] > 1 else
+    violate=lambda text, p: _drop_last_line(text, _NUMBERED, 1) if p["items"] > 1 else
     text.replace("1. ", "", 1))
 
 _category(
@@ -638,6 +657,7 @@ _category(
     violate=lambda text, p: _FENCE.sub(lambda m: "```python\n" + m.group(1) + "\n    )(\n```",
                                        text))
 
+_TABLE_ROW = re.compile(r"^[ \t]*\|.*\|[ \t]*$", re.MULTILINE)
 _TABLE_SEPARATOR = re.compile(r"^\|(\s*:?-{3,}:?\s*\|)+$")
 
 
@@ -675,7 +695,7 @@ _category(
     comply=lambda text, p, ctx: (
         f"{text}\n\n| {' | '.join(p['columns'])} |\n|{' --- |' * len(p['columns'])}\n"
         + "\n".join(f"| {t} | {m} |" for t, m in ctx.topic.glossary[:p["rows"]])),
-    violate=lambda text, p: "\n".join(text.splitlines()[:-1]))
+    violate=lambda text, p: _drop_last_line(text, _TABLE_ROW))
 
 # Case (after the structure is in place).
 
@@ -768,7 +788,8 @@ _category(
     comply=lambda text, p, ctx: re.sub(r"\d", lambda m: _DIGIT_WORDS[int(m.group(0))], text),
     violate=lambda text, p: f"{text} It takes 2 steps.")
 
-_PLACEHOLDER = re.compile(r"\[[^\[\]\n]+\]")
+# A placeholder starts with a letter: a JSON list (["a"], [1, 2]) is not one.
+_PLACEHOLDER = re.compile(r"\[[^\W\d_][^\[\]\n\"]*\]")
 _PLACEHOLDER_NAMES = ("[name]", "[project]", "[date]", "[team]")
 
 _category(

@@ -389,6 +389,24 @@ def _procedural_stream(data_config, tokenizer, *, split, seed, shard_index, shar
   return Stream(dataset, {"procedural": common.builder_stats(builder)})
 
 
+def _generated_stream_factory(name: str) -> Callable[..., Stream]:
+  """A stream of the conversations the SFT builders generate in place
+  (``corpora.agentic``: ``tool_use``, ``multi_turn``, ``instruction_following``), built once into
+  ``data.data_dir`` and rendered with ``data.<name>.loss_on``."""
+
+  def factory(data_config, tokenizer, *, split, seed, shard_index, shard_count) -> Stream:
+    from kat_jax.data.corpora import agentic  # pylint: disable=g-import-not-at-top (imports rl)
+    config = agentic.stream_corpus_config(name, data_config)
+    builder = corpora.prepare(agentic.AgenticConversations, config, data_config.data_dir)
+    dataset = _sharded_shuffled(builder, name, split, seed, shard_index, shard_count)
+    loss_on = data_config[name].loss_on
+    dataset = dataset.map(lambda e: _conversation_document(
+        chat.Conversation.from_json(_text(e["conversation"])), tokenizer, loss_on))
+    return Stream(dataset, {name: common.builder_stats(builder)})
+
+  return factory
+
+
 StreamFactory = Callable[..., Stream]
 STREAM_FACTORIES: dict[str, StreamFactory] = {
     "code": _code_stream,
@@ -396,6 +414,9 @@ STREAM_FACTORIES: dict[str, StreamFactory] = {
     "trajectories": _jsonl_stream_factory("trajectories"),
     "instructions": _jsonl_stream_factory("instructions"),
     "procedural": _procedural_stream,
+    "tool_use": _generated_stream_factory("tool_use"),
+    "multi_turn": _generated_stream_factory("multi_turn"),
+    "instruction_following": _generated_stream_factory("instruction_following"),
 }
 
 

@@ -72,7 +72,8 @@ VIOLATIONS = {
     "capital_words_min": [({"min_capital_words": 2}, "Only ONE here, I think")],
     "no_commas": [({}, "one, two")],
     "no_digits": [({}, "version 3 is out")],
-    "placeholders": [({"placeholders": 2}, "Dear [name], see you on the date.")],
+    "placeholders": [({"placeholders": 2}, "Dear [name], see you on the date."),
+                     ({"placeholders": 1}, '["A JSON list.", "Is no placeholder."]')],
     "end_with_question": [({}, "Is it? No.")],
     "starts_with": [({"prefix": "Sure thing."}, "sure thing. here it is")],
     "ends_with": [({"suffix": "That is all."}, "That is all. Really.")],
@@ -134,6 +135,32 @@ def test_combined_examples_satisfy_every_constraint_and_cover_every_category():
     for name, params in example.constraints:
       assert ins.CATEGORIES[name].describe(params) in example.prompt
   assert len({e.example_id for e in examples}) == len(examples)
+
+
+def test_violations_break_their_constraint_in_combined_answers_too():
+  """``violate`` edits a compliant answer so that its own verifier rejects it also when other
+  constraints shaped the answer (a table before a divider, a list inside tags, sentences inside
+  a JSON string): the negative examples of every category, whatever it is combined with."""
+  examples = ins.make_examples(seed=5, num_examples=12 * len(NAMES), max_constraints=3)
+  checked = set()
+  for example in examples:
+    for name, params in example.constraints:
+      broken = ins.CATEGORIES[name].violate(example.answer, params)
+      assert not ins.check(broken, name, params), (example.constraints, example.answer, broken)
+      checked.add(name)
+  assert checked == set(NAMES)
+  # The cases that once slipped through, by hand.
+  table = "Intro.\n\n| Term | Meaning |\n| --- | --- |\n| a | b |\n| c | d |\n******\nMore."
+  assert ins.check(table, "markdown_table", {"columns": ["Term", "Meaning"], "rows": 2})
+  assert not ins.check(ins.CATEGORIES["markdown_table"].violate(table, {}), "markdown_table",
+                       {"columns": ["Term", "Meaning"], "rows": 2})
+  tagged = "<response>\n1. One.\n2. Two.\n</response>"
+  assert not ins.check(ins.CATEGORIES["numbered_list"].violate(tagged, {"items": 2}),
+                       "numbered_list", {"items": 2})
+  wrapped = '{"answer": "One. Two."}'
+  assert ins.check(wrapped, "sentence_count", {"sentences": 2})
+  assert not ins.check(ins.CATEGORIES["sentence_count"].violate(wrapped, {"sentences": 2}),
+                       "sentence_count", {"sentences": 2})
 
 
 def test_contradicting_categories_are_refused_with_a_clear_error():

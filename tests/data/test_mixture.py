@@ -84,7 +84,10 @@ def mixture_setup(tmp_path_factory):
   repo = base / "repo"
   repo.mkdir()
   env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x", "GIT_COMMITTER_NAME": "t",
-         "GIT_COMMITTER_EMAIL": "t@x", "HOME": str(base), "PATH": os.environ["PATH"]}
+         "GIT_COMMITTER_EMAIL": "t@x", "HOME": str(base), "PATH": os.environ["PATH"],
+         # Fixed dates: commit shas (hence each commit's train / eval split) must not depend on
+         # when the test runs.
+         "GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z"}
   git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True,
                                   env=env)
   git("init", "-q", "-b", "main")
