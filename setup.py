@@ -41,6 +41,11 @@ EXTRAS = {
         "safetensors==0.8.0",
         "tokenizers==0.23.3",
     ],
+    # The Ray executor of the RL stage (config.rl.executor="ray": environments and sandbox
+    # graders as Ray actors, kat_jax.rl.executor).
+    "ray": [
+        "ray==2.60.0",
+    ],
 }
 
 setuptools.setup(

@@ -11,6 +11,9 @@ import ml_collections
 from kat_jax.rl import rewards
 from kat_jax.rl.advantages import default_advantage_config
 from kat_jax.rl.envs.code import default_code_env_config
+from kat_jax.rl.executor import default_ray_config
+from kat_jax.rl.placement import default_placement_config
+from kat_jax.tree.prune import default_prune_config
 
 
 def rl_defaults() -> ml_collections.ConfigDict:
@@ -42,6 +45,22 @@ def rl_defaults() -> ml_collections.ConfigDict:
       overlong_penalty_tokens=0,   # > 0: soft penalty over the last this-many tokens of budget
       overlong_penalty=1.0,        # the penalty at the budget (linear ramp over the window)
   ))
+  # Entropy-budget pruning of the iteration's trees on the host, before scoring: pruned subtrees
+  # are removed (kat_jax.tree.compact), so score and train pay only for the kept tokens. Fields
+  # as config.train.prune (docs/PRUNING.md); config.train.prune (in-step masking) stays off.
+  c.prune = default_prune_config()
+  # The trajectory manager (kat_jax.rl.manager): rollout decoupled from training, bounded staleness.
+  c.manager = ml_collections.ConfigDict(dict(
+      enabled=False,               # run through the manager (also on when eta > 0 or executor='ray')
+      eta=0,                       # staleness bound: admit while admitted <= (eta + version + 1)·B
+      rollout_workers=1,           # episode-driver threads, each rolling one lockstep batch at a time
+      batch_groups=0,              # groups per lockstep rollout batch (0 = tasks_per_iteration)
+      partial_rollout=True,        # in-flight episodes take new params at turn boundaries
+      kv_on_resume="keep",         # after a weight swap: 'keep' the KV cache or 'recompute' it
+  ))
+  c.executor = "inprocess"         # environments + sandbox graders: 'inprocess' or 'ray' (actors)
+  c.ray = default_ray_config()     # the Ray executor (kat_jax.rl.executor)
+  c.placement = default_placement_config()   # roles -> device groups / host, by tag
   c.checkpoint_every = 5           # iterations between checkpoints (the last is always saved)
   c.eval_every = 10                # iterations between held-out evaluations (0 = never)
   c.eval_tasks = 32                # held-out procedural tasks per evaluation (greedy, pass@1)

@@ -46,6 +46,7 @@ from kat_jax.train import metrics as metrics_lib
 from kat_jax.train.trainer import Trainer
 from kat_jax.tree import batch as tree_batch
 from kat_jax.tree import build
+from kat_jax.tree import compact as tree_compact
 from kat_jax.tree import layout as tree_layout
 from kat_jax.tree.logprobs import batch_to_arrays
 
@@ -72,7 +73,13 @@ def validate(config) -> None:
   if rl.group_size > config.tree.max_traj and rl.tree_mode:
     raise ConfigError(f"config.rl.group_size={rl.group_size} exceeds config.tree.max_traj="
                       f"{config.tree.max_traj}: raise max_traj to the group size")
+  if rl.prune.enabled and config.train.prune.enabled:
+    raise ConfigError("config.rl.prune.enabled and config.train.prune.enabled are both set: the RL "
+                      "stage prunes on the host and compacts the trees (rl.prune: score and train "
+                      "pay only for kept tokens); config.train.prune masks the loss inside the step "
+                      "(the full tree is still computed). Set one of them")
   rollout_lib.validate_config(rl.rollout, config.tree.max_len)
+  rollout_lib.validate_groups(rl.rollout, rl.group_size)
 
 
 def load_tokenizer(config, workdir: str):
@@ -108,6 +115,14 @@ class _TimedEnv(env_base.Environment):
     finally:
       self.clock[0] += time.perf_counter() - t0
 
+  def close(self):
+    self.env.close()
+
+  def __getattr__(self, name):   # optional hooks of the wrapped env (clone, ...)
+    if name == "clone" and hasattr(self.env, "clone"):
+      return lambda: _TimedEnv(self.env.clone(), self.clock)
+    raise AttributeError(name)
+
 
 def _task_seed(seed: int, *parts) -> int:
   return zlib.crc32(repr((seed,) + parts).encode()) & 0x7FFFFFFF
@@ -117,6 +132,17 @@ def draw_tasks(config, level: int, iteration: int, round_: int, num: int, split:
   families = split_list(config.rl.task_families) or None
   return generate_tasks(_task_seed(config.seed, split, iteration, round_), num, split=split,
                         levels=(level,), families=families)
+
+
+TOKEN_BUCKETS = 16  # tree-token sizes a batch is padded to: multiples of max_tokens / this
+
+
+def token_bucket(n: int, limit: int) -> int:
+  """The padded tree-token size of a batch whose largest row holds ``n`` tokens: the next
+  multiple of ``limit / TOKEN_BUCKETS`` (at most ``limit``), so score and train steps compile
+  for at most ``TOKEN_BUCKETS`` shapes and a batch of small trees does not pay for ``limit``."""
+  unit = max(-(-limit // TOKEN_BUCKETS), 1)
+  return min(-(-n // unit) * unit, limit)
 
 
 def _overlong_penalty(traj, cfg) -> float:
@@ -157,20 +183,19 @@ class RLStage:
     return {"iteration": self.iteration, "level_index": self.level_index,
             "pass_rate_ema": self.pass_rate_ema, "normalizer": self.normalizer.state_dict()}
 
-  def _envs(self, n: int) -> list:
-    cfg = self.config.rl
-    return [_TimedEnv(envs_lib.make(cfg.env_name, cfg.env, pool=self.pool), self.env_clock)
-            for _ in range(n)]
-
   def rollouts(self, tasks, rng, rollout_cfg=None, group_size: Optional[int] = None):
-    """``group_size`` rollouts of every task with the current params: list of groups."""
+    """``group_size`` rollouts of every task with the current params: list of groups (with
+    ``rollout.fork_turns`` > 0, tree rollouts: continuations forked from shared turns)."""
     g = self.config.rl.group_size if group_size is None else group_size
-    rows = [t for t in tasks for _ in range(g)]
+    rl = self.config.rl
     self.sampler.params = self.trainer.params
-    trajs = rollout_lib.rollout(self.sampler, self._envs(len(rows)), rows, rng,
-                                rollout_cfg or self.config.rl.rollout, self.tokenizer,
-                                policy_version=self.iteration)
-    return [trajs[i * g:(i + 1) * g] for i in range(len(tasks))]
+    make_env = lambda: _TimedEnv(envs_lib.make(rl.env_name, rl.env, pool=self.pool),
+                                 self.env_clock)
+    groups = rollout_lib.rollout_groups(self.sampler, make_env, tasks, g, rng,
+                                        rollout_cfg or rl.rollout, self.tokenizer,
+                                        policy_version=self.iteration)
+    self.last_rollout_stats = rollout_lib.rollout_stats(groups)
+    return groups
 
   def collect(self) -> tuple[list, dict]:
     """The iteration's groups: one rollout round, or with DAPO dynamic sampling more rounds until
@@ -210,9 +235,19 @@ class RLStage:
     cfg, tree_cfg = self.config.rl, self.config.tree
     trees, row_rewards, row_groups, row_traj = [], [], [], []
     for gi, (group, keep_group) in enumerate(groups):
+      # An episode whose reset failed (env_error) has no tokens; it stands in the tree as a
+      # one-token trajectory on the group's root with no weight: no pair, no loss, no place in
+      # the group's statistics, and every trajectory keeps its index.
+      root = next((t.tokens[:1] for t in group if len(t)), np.zeros((1,), np.int32))
+      def arrays(t):
+        if len(t):
+          return t.tokens, t.event_tag.astype(np.int32), t.logp_policy, t.entropy, t.sampled
+        zero = np.zeros((1,), np.float32)
+        return root, np.zeros((1,), np.int32), zero, zero, np.zeros((1,), np.bool_)
+      per = [arrays(t) for t in group]
       weights = []
-      for t in group:
-        w = t.sampled.astype(np.float32)
+      for t, (_, _, _, _, sampled) in zip(group, per):
+        w = sampled.astype(np.float32)
         if not keep_group or (cfg.filter.mask_limit_statuses and
                               t.status in env_base.LIMIT_STATUSES):
           w = np.zeros_like(w)
@@ -220,66 +255,130 @@ class RLStage:
       parts = [list(range(len(group)))] if cfg.tree_mode else [[k] for k in range(len(group))]
       for ks in parts:
         trees.append(build.build_tree(
-            [group[k].tokens for k in ks], tags=[group[k].event_tag.astype(np.int32) for k in ks],
+            [per[k][0] for k in ks], tags=[per[k][1] for k in ks],
             fields={"weight": [weights[k] for k in ks],
-                    "behaviour_logp": [group[k].logp_policy for k in ks],
-                    "entropy": [group[k].entropy for k in ks]}))
+                    "behaviour_logp": [per[k][2] for k in ks],
+                    "entropy": [per[k][3] for k in ks]}))
         row_rewards.append([rewards[gi, k] for k in ks])
         row_groups.append(gi)
         row_traj.append([group[k] for k in ks])
     k_max = cfg.group_size if cfg.tree_mode else 1
+    limit = tree_cfg.max_tokens if cfg.tree_mode else tree_cfg.max_len
     batch = batch_to_arrays(tree_batch.batch_trees(
-        trees, max_tokens=tree_cfg.max_tokens if cfg.tree_mode else tree_cfg.max_len,
+        trees, max_tokens=token_bucket(max(t.n_tree for t in trees), limit),
         max_nodes=tree_cfg.max_nodes, max_traj=k_max, max_len=tree_cfg.max_len))
     reward_bk = np.zeros(batch["traj_valid"].shape, np.float32)
     for b, rs in enumerate(row_rewards):
       reward_bk[b, :len(rs)] = rs
     info = {"rewards": reward_bk, "groups": np.asarray(row_groups, np.int32),
             "por": float(np.mean([1.0 - t.n_tree / t.n_flat for t in trees])) if cfg.tree_mode
-            else 0.0, "trees": trees}
+            else 0.0, "trees": trees,
+            # Trajectories that count in their group's statistics (fixed before any pruning).
+            "valid": np.asarray(batch["traj_valid"]) & (batch["field/weight"] > 0).any(-1)}
     return batch, info
+
+  def compact(self, batch: dict, info: dict) -> dict:
+    """With ``config.rl.prune.enabled``: the batch's trees pruned by the entropy budget (the
+    rollout's own entropies, ``field/entropy``) and compacted on the host — pruned subtrees removed,
+    every trajectory at its index — padded to a bucket of ``tree.max_tokens / 8`` tokens, so the
+    score and train steps compile for a few shapes and cost in proportion to what is kept. The
+    loss over the compacted trees equals the masked loss over the full ones (tested). Adds
+    ``prune/*`` statistics to ``info``."""
+    cfg = self.config.rl.prune
+    if not cfg.enabled:
+      return batch
+    keep, stats = tree_compact.batch_keep_masks(batch, cfg)
+    _, k, _ = batch["field/weight"].shape
+    full = int(batch["tokens"].shape[1])
+    limit = self.config.tree.max_tokens if self.config.rl.tree_mode else self.config.tree.max_len
+    # A compacted row holds at most its kept tokens plus one per trajectory whose root was
+    # pruned (it keeps its first token), and never more than its input.
+    b_idx = np.arange(keep.shape[0])[:, None]
+    root_cut = (~keep[b_idx, batch["row_map"][:, :, 0]] & batch["traj_valid"]).sum(-1)
+    bound = min(int((keep.sum(-1) + root_cut).max()), full)
+    out = tree_compact.compact_batch(batch, keep, max_tokens=token_bucket(bound, limit),
+                                     max_nodes=batch["node_start"].shape[1], max_traj=k,
+                                     max_len=batch["field/weight"].shape[2])
+    valid = float(np.asarray(batch["token_valid"]).sum())
+    info["prune"] = {"kept_fraction": float(np.mean(stats["kept_fraction"])),   # as the step's
+                     "tokens_before": valid, "tokens_after": float(out["token_valid"].sum()),
+                     "padded_tokens": float(out["tokens"].size),
+                     "mandatory_exceeds_budget": float(np.mean(stats["mandatory_exceeds_budget"]))}
+    return out
 
   def _with_layout(self, batch: dict) -> dict:
     """The batch with the block layout its attention implementation reads (if any)."""
     return tree_layout.with_attention_blocks(batch, self.config.model.attention_impl)
 
-  def add_advantages(self, batch: dict, info: dict) -> dict:
-    """Scores the batch (old log-probs, values; reference log-probs when asked) and adds the
-    per-token fields the losses read: old_logp, advantage, return, ref_logp."""
+  def add_scores(self, batch: dict, info: dict) -> dict:
+    """Scores the batch at the current params: ``old_logp`` (``prox_logp`` beside the behaviour
+    log-probs for ``decoupled_ppo``), the critic's ``old_values`` and, with a reference,
+    ``ref_logp`` — per token [B, K, L], a pair's value at the token it predicts."""
     scored = self._with_layout(batch)
     scores = self.trainer.score(scored)
     b, k, length = batch["field/weight"].shape
-    def tok(pairs):   # a pair's value belongs to the token it predicts: [B, K, L-1] -> [B, K, L]
+    def tok(pairs):   # [B, K, L-1] -> [B, K, L]
       out = np.zeros((b, k, length), np.float32)
       out[..., 1:] = pairs
       return out
     old = tok(scores["logp"])
-    values = tok(scores["values"]) if "values" in scores else np.zeros_like(old)
     fields = {"field/old_logp": old}
     if "values" in scores:
-      fields["field/old_values"] = values          # value clipping (config.train.value_clip)
+      fields["field/old_values"] = tok(scores["values"])   # the critic (and value clipping)
     if self.config.train.objective == "decoupled_ppo":
       # AReaL's decoupled PPO: behaviour = the sampler's log-probs, proximal = these params.
       fields["field/prox_logp"] = old
       fields["field/old_logp"] = batch["field/behaviour_logp"]
-    kl = np.zeros_like(old)
     if self.trainer.reference_params is not None:
-      ref = tok(self.trainer.score(scored, params=self.trainer.reference_params)["logp"])
-      fields["field/ref_logp"] = ref
-      kl = (old - ref) * batch["field/weight"]
-    mask = batch["field/weight"] > 0
-    group_ids = np.repeat(info["groups"], k).astype(np.int32)
-    inputs = advantages_lib.AdvantageInputs(
-        rewards=info["rewards"].reshape(-1), group_ids=group_ids, mask=mask.reshape(b * k, -1),
-        values=values.reshape(b * k, -1), kl=kl.reshape(b * k, -1),
-        valid=(batch["traj_valid"] & mask.any(-1)).reshape(-1),
-        entropy=batch["field/entropy"].reshape(b * k, -1))
-    adv, ret = advantages_lib.compute(self.config.rl.advantage.name, inputs,
-                                      self.config.rl.advantage)
-    fields["field/advantage"] = np.asarray(adv, np.float32).reshape(b, k, length)
-    fields["field/return"] = np.asarray(ret, np.float32).reshape(b, k, length)
+      fields["field/ref_logp"] = tok(
+          self.trainer.score(scored, params=self.trainer.reference_params)["logp"])
     info["scores"] = scores
     return {**batch, **fields}
+
+  def _advantages_read_scores(self) -> bool:
+    """Whether the estimator reads the critic's values or the per-token KL (so it must run after
+    scoring); the group estimators read only rewards, the sampled mask and entropies."""
+    adv = self.config.rl.advantage
+    return adv.name == "gae" or adv.kl_in_reward > 0
+
+  def add_advantage_fields(self, batch: dict, info: dict) -> dict:
+    """Adds ``advantage`` and ``return`` [B, K, L] from the rewards (and, when present, the
+    scored values and KL). Trajectories count in their group by ``info["valid"]`` — fixed before
+    any pruning, so a pruned trajectory keeps its place in its group's statistics."""
+    b, k, length = batch["field/weight"].shape
+    zeros = np.zeros((b, k, length), np.float32)
+    values = batch.get("field/old_values", zeros)
+    kl = zeros
+    if "field/ref_logp" in batch:
+      scored = batch.get("field/prox_logp", batch["field/old_logp"])
+      kl = (scored - batch["field/ref_logp"]) * batch["field/weight"]
+    mask = batch["field/weight"] > 0
+    inputs = advantages_lib.AdvantageInputs(
+        rewards=info["rewards"].reshape(-1),
+        group_ids=np.repeat(info["groups"], k).astype(np.int32), mask=mask.reshape(b * k, -1),
+        values=values.reshape(b * k, -1), kl=kl.reshape(b * k, -1),
+        valid=info["valid"].reshape(-1), entropy=batch["field/entropy"].reshape(b * k, -1))
+    adv, ret = advantages_lib.compute(self.config.rl.advantage.name, inputs,
+                                      self.config.rl.advantage)
+    return {**batch, "field/advantage": np.asarray(adv, np.float32).reshape(b, k, length),
+            "field/return": np.asarray(ret, np.float32).reshape(b, k, length)}
+
+  def add_advantages(self, batch: dict, info: dict) -> dict:
+    """Scores the batch and adds every per-token field the losses read."""
+    return self.add_advantage_fields(self.add_scores(batch, info), info)
+
+  def prepare(self, batch: dict, info: dict) -> dict:
+    """The training batch of ``build_batch``'s output: scores and advantages, with
+    ``config.rl.prune`` also pruning and compacting — advantages of the full trajectories first
+    (group statistics, returns and whitening see every sampled token), then, for estimators that
+    do not read scores, compaction before scoring so the score pass also pays only for kept
+    tokens; ``gae`` / KL-in-reward score the full batch first and compact after."""
+    if not self.config.rl.prune.enabled:
+      return self.add_advantages(batch, info)
+    if self._advantages_read_scores():
+      return self.compact(self.add_advantages(batch, info), info)
+    small = self.compact(self.add_advantage_fields(batch, info), info)
+    return self.add_scores(small, info)
 
   def minibatches(self, batch: dict):
     """Row slices of ``train.batch_size`` groups (in flat mode: those groups' trajectories)."""
@@ -300,7 +399,7 @@ class RLStage:
   def evaluate(self) -> dict:
     """Greedy pass@1 on held-out procedural tasks of the current level (one rollout each)."""
     cfg = copy.deepcopy(self.config.rl.rollout)
-    cfg.temperature = 0.0
+    cfg.temperature, cfg.fork_turns = 0.0, 0     # one greedy rollout per task
     level = self.levels[self.level_index]
     tasks = draw_tasks(self.config, level, 0, 0, self.config.rl.eval_tasks, split="heldout")
     groups = self.rollouts(tasks, jax.random.key(0), cfg, group_size=1)
@@ -310,25 +409,32 @@ class RLStage:
 
   # --------------------------------------------------------------------------------- iteration
 
-  def iterate(self) -> dict:
-    """One RL iteration; returns its metrics."""
-    t0 = time.perf_counter()
-    self.env_clock[0] = 0.0
-    groups, sample_stats = self.collect()
-    rollout_s = time.perf_counter() - t0
+  def learn(self, groups) -> dict:
+    """Everything after the rollouts, for the synchronous loop and the trajectory manager alike:
+    rewards → batch (trees, pruning) → scores and advantages → ``ppo_epochs`` of updates → the
+    curriculum; ``iteration`` advances. Returns the metrics (with ``score_s``, ``train_s``)."""
     rewards = self.rewards_of(groups)
     t1 = time.perf_counter()
     batch, info = self.build_batch(groups, rewards)
-    batch = self.add_advantages(batch, info)
+    batch = self.prepare(batch, info)
     score_s = time.perf_counter() - t1
     t2 = time.perf_counter()
     step_metrics = self.update(batch)
     train_s = time.perf_counter() - t2
     metrics = self._metrics(groups, rewards, batch, info, step_metrics)
-    metrics.update(sample_stats, rollout_s=rollout_s, env_s=self.env_clock[0], score_s=score_s,
-                   train_s=train_s)
+    metrics.update(score_s=score_s, train_s=train_s)
     self._advance_curriculum(metrics["pass_rate"])
     self.iteration += 1
+    return metrics
+
+  def iterate(self) -> dict:
+    """One RL iteration (rollouts, then ``learn``); returns its metrics."""
+    t0 = time.perf_counter()
+    self.env_clock[0] = 0.0
+    groups, sample_stats = self.collect()
+    rollout_s = time.perf_counter() - t0
+    metrics = self.learn(groups)
+    metrics.update(sample_stats, rollout_s=rollout_s, env_s=self.env_clock[0])
     return metrics
 
   def _advance_curriculum(self, pass_rate: float) -> None:
@@ -351,6 +457,9 @@ class RLStage:
         "sampled_tokens": float(np.mean([t.sampled.sum() for t in trajs])),
         "por": info["por"], "level": self.levels[self.level_index],
     }
+    m.update({f"prune/{k}": v for k, v in info.get("prune", {}).items()})
+    m.update({f"rollout/{k}": float(v) for k, v in getattr(self, "last_rollout_stats", {}).items()
+              if isinstance(v, (int, float))})   # realized POR, forks (tree rollouts)
     for key in trajs[0].reward_terms:
       m[f"reward/{key}"] = float(np.mean([t.reward_terms[key] for t in trajs]))
     for status, n in collections.Counter(t.status for t in trajs).items():
@@ -378,10 +487,16 @@ class RLStage:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
-          max_iterations: Optional[int] = None) -> dict[str, Any]:
-  """Runs the RL stage in ``workdir`` (resuming from its checkpoint); returns the final metrics."""
+          max_iterations: Optional[int] = None, tokenizer=None) -> dict[str, Any]:
+  """Runs the RL stage in ``workdir`` (resuming from its checkpoint); returns the final metrics.
+  ``tokenizer`` overrides ``load_tokenizer`` (tests)."""
+  # -- trajectory manager (kat_jax.rl.manager): async rollout when config.rl.manager asks -------
+  from kat_jax.rl import manager as manager_lib
+  if manager_lib.enabled(config):
+    return manager_lib.train(config, workdir, max_iterations)
+  # ---------------------------------------------------------------------------------------------
   start_time = time.perf_counter()
-  stage = RLStage(config, workdir)
+  stage = RLStage(config, workdir, tokenizer=tokenizer)
   cfg = config.rl
   total = cfg.iterations if max_iterations is None else min(cfg.iterations, max_iterations)
   result: dict[str, Any] = {"start_iteration": stage.iteration, "start_step": stage.iteration}
@@ -409,7 +524,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                      if isinstance(v, (int, float))})
   finally:
     stage.close()
-  result.update(state=stage.trainer.state, history=history,
+  result.update(state=stage.trainer.state, history=history, loop_state=stage.extra_state(),
                 wall_time_s=time.perf_counter() - start_time,
                 checkpoint_dir=stage.trainer.checkpointer.directory,
                 tensorboard_dir=workdir_lib.tensorboard_dir(workdir))

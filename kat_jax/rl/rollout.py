@@ -6,6 +6,9 @@
                             policy_version=step)
     trajs[i].tokens, trajs[i].sampled, trajs[i].logp_policy, trajs[i].status, trajs[i].reward
     tree, stats = rollout.trajectories_to_tree(group)   # the G trajectories of one task
+    groups = rollout.rollout_groups(sampler, lambda: envs.make("code", config.rl.env, pool=pool),
+                                    tasks, group_size, rng, cfg, tokenizer, policy_version=step)
+    rollout.rollout_stats(groups)["por"]                # realized prefix overlap of the groups
 
 One row per task. ``env.reset(task)`` gives the opening messages, rendered by
 ``chat.render_prompt`` (system turn with the tools block, user turn, ``<|im_start|>assistant\\n``);
@@ -37,6 +40,16 @@ Per-token arrays of a ``Trajectory`` are aligned with ``tokens``: ``sampled`` (g
 policy: the trainable tokens), the behaviour log-probs ``logp_policy`` (T = 1, the PPO old log-prob
 whatever the sampling distribution) and ``logp_sampling``, the policy ``entropy`` (0 on tokens
 not sampled), ``event_tag`` (``chat.EventTag``), ``turn`` and ``policy_version``.
+
+**Groups and tree rollouts** (``rollout_groups``). The G trajectories of each task come from one
+batch. With ``cfg.fork_turns = 0`` that is ``rollout`` on every task repeated G times. With
+``fork_turns = F > 0`` and ``fork_width = k`` each task starts G / k^F rows and forks them at
+turn boundaries (``cfg.fork_at``: ``first``, ``random``, ``max_entropy``) with ``sampler.fork``:
+a copy's KV cache is the source's (the shared prefix is never recomputed) and it samples on with
+its own keys, so the trajectories of a group share their history up to the fork token for token
+and the group's tree (``trajectories_to_tree``) has a higher POR than independent rows. A copy's
+environment is its source's replayed (or ``clone()``-d, when the environment offers it) and
+checked; counts are exact whatever ends early (``_Tree`` has the scheme).
 """
 from __future__ import annotations
 
@@ -46,6 +59,7 @@ import functools
 import traceback
 from typing import Any, Mapping, Optional, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -65,6 +79,8 @@ OBSERVATION_CUT = ("\n[... {total} characters in all; the middle was cut to fit 
 # Fields that name a task, by task type (data.procedural.Task / humaneval.Problem, MathProblem,
 # RepoTask); a str task is its own id.
 TASK_ID_FIELDS = ("task_id", "problem_id", "repo_id")
+# Where a tree rollout forks (cfg.fork_at; see rollout_groups).
+FORK_RULES = ("first", "random", "max_entropy")
 
 
 def default_rollout_config() -> ml_collections.ConfigDict:
@@ -78,6 +94,9 @@ def default_rollout_config() -> ml_collections.ConfigDict:
   c.top_k = 0                      # top-k filtering of the sampling distribution (0 = off)
   c.max_observation_tokens = 2048  # per observation (+ next prompt); cut in the middle; 0 = off
   c.env_threads = 8                # environments stepped concurrently (1 = in the calling thread)
+  c.fork_turns = 0                 # tree rollouts: fork points per trajectory tree (0 = off)
+  c.fork_width = 2                 # continuations per fork point (rollout_groups starts G / k^F rows)
+  c.fork_at = "first"              # fork boundary: first | random | max_entropy (FORK_RULES)
   c.reward = rewards.default_reward_config()   # how the final grade is scored (rewards.score)
   return c
 
@@ -103,7 +122,34 @@ def validate_config(cfg, max_len: int) -> None:
     value = cfg[field]
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
       raise ConfigError(f"{CONFIG_PATH}.{field}={value!r} must be a number {bound}")
+  if not isinstance(cfg.fork_width, int) or isinstance(cfg.fork_width, bool) or (
+      cfg.fork_width < 2):
+    raise ConfigError(f"{CONFIG_PATH}.fork_width={cfg.fork_width!r} must be an int >= 2 (the "
+                      f"continuations of one fork point)")
+  most = int(cfg.max_turns) - 1
+  if not isinstance(cfg.fork_turns, int) or isinstance(cfg.fork_turns, bool) or not (
+      0 <= cfg.fork_turns <= most):
+    raise ConfigError(f"{CONFIG_PATH}.fork_turns={cfg.fork_turns!r} must be an int in [0, {most}] "
+                      f"(max_turns - 1: forks happen at distinct turn boundaries after turn 0; "
+                      f"0 = no tree rollouts)")
+  if cfg.fork_at not in FORK_RULES:
+    raise ConfigError(f"{CONFIG_PATH}.fork_at={cfg.fork_at!r}: use one of {list(FORK_RULES)}")
   rewards.validate_config(cfg.reward)
+
+
+def validate_groups(cfg, group_size: int) -> None:
+  """ConfigError unless ``rollout_groups`` can give every task exactly ``group_size``
+  trajectories with ``cfg``'s fork settings (a tree of F forks of width k has k^F leaves)."""
+  if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+    raise ConfigError(f"group_size={group_size!r} must be an int >= 1 (config.rl.group_size)")
+  if cfg.fork_turns:
+    leaves = int(cfg.fork_width) ** int(cfg.fork_turns)
+    if group_size % leaves:
+      raise ConfigError(
+          f"config.rl.group_size={group_size} is not a multiple of {CONFIG_PATH}.fork_width ** "
+          f"fork_turns = {cfg.fork_width} ** {cfg.fork_turns} = {leaves}: each task starts "
+          f"group_size / {leaves} rows and every fork point multiplies them by fork_width; "
+          f"choose group_size among the multiples of {leaves} or fewer / narrower forks")
 
 
 def sampling_config(cfg, tokenizer) -> SamplingConfig:
@@ -321,6 +367,9 @@ class _Row:
   env_infos: list = dataclasses.field(default_factory=list)
   errors: dict = dataclasses.field(default_factory=dict)
   cut_turns: list = dataclasses.field(default_factory=list)
+  opening: Optional[base.Observation] = None    # what reset returned (replayed by tree forks)
+  actions: list = dataclasses.field(default_factory=list)   # the texts stepped, in order
+  results: list = dataclasses.field(default_factory=list)   # their StepResults (None: raised)
 
   def end(self, status: str) -> None:
     self.status = status
@@ -360,6 +409,7 @@ def _open(row: _Row, task: Any, tokenizer, max_context: int) -> Optional[np.ndar
     row.errors["env_error"] = _describe(e, "reset")
     row.end(base.ENV_ERROR)
     return None
+  row.opening = obs
   row.prompt_len = len(prompt.tokens)
   row.segments.append(_Segment(prompt.tokens, prompt.event_tags, -1))
   if len(prompt.tokens) + 1 > max_context:
@@ -401,8 +451,8 @@ def rollout(sampler, envs_list: Sequence[base.Environment], tasks: Sequence[Any]
     episode = sampler.start_episode([prompts[i] for i in batch], rng)
     with concurrent.futures.ThreadPoolExecutor(max_workers=int(cfg.env_threads)) as executor:
       step_all = functools.partial(_step_all, executor if cfg.env_threads > 1 else None)
-      episode = _run_turns(sampler, episode, batch, rows, step_all, cfg, tokenizer, layout,
-                           sampling, max_context)
+      episode, batch = _run_turns(sampler, episode, batch, rows, step_all, cfg, tokenizer,
+                                  layout, sampling, max_context)
     contexts = {i: episode.contexts[j] for j, i in enumerate(batch)}
   zero_terms = _zero_terms(cfg.reward)
   return [_trajectory(row, contexts.get(i), max_context, policy_version, cfg.reward, zero_terms)
@@ -417,9 +467,13 @@ def _step_all(executor, calls: Sequence[tuple[base.Environment, str]]) -> list:
 
 
 def _run_turns(sampler, episode, batch, rows, step_all, cfg, tokenizer, layout, sampling,
-               max_context):
-  """The lockstep turns of the batch's rows; returns the last episode."""
+               max_context, tree=None):
+  """The lockstep turns of the batch's rows (sampler row j is ``rows[batch[j]]``); returns the
+  last episode and its batch. ``tree`` (a ``_Tree``) forks rows before a turn and decides
+  speculative forks after its steps; without it the batch never changes."""
   for turn in range(int(cfg.max_turns)):
+    if tree is not None and turn:
+      episode, batch = tree.before_turn(episode, batch, turn)
     episode, out = sampler.generate_turn(episode, sampling, tokenizer)
     stepping = []                              # (sampler row j, row i, text, closing segment)
     for j, i in enumerate(batch):
@@ -440,9 +494,13 @@ def _run_turns(sampler, episode, batch, rows, step_all, cfg, tokenizer, layout, 
       stepping.append((j, i, out.texts[j], _Segment(close, tags[n:], turn)))
     results = step_all([(rows[i].env, text) for _, i, text, _ in stepping])
     new_tokens: list = [None] * len(batch)     # None ends the sampler row
-    for (j, i, _, close), (result, error) in zip(stepping, results):
+    for (j, i, text, close), (result, error) in zip(stepping, results):
+      rows[i].actions.append(text)
+      rows[i].results.append(result)
       new_tokens[j] = _next_observation(rows[i], result, error, close, turn, cfg, tokenizer,
                                         len(episode.contexts[j]), max_context)
+    if tree is not None:
+      tree.after_step(batch, new_tokens, turn)
     if all(t is None for t in new_tokens):
       break
     expected = {j: len(episode.contexts[j]) + len(t) for j, t in enumerate(new_tokens)
@@ -456,7 +514,7 @@ def _run_turns(sampler, episode, batch, rows, step_all, cfg, tokenizer, layout, 
           row.cut_turns.pop()
         row.errors["observation_tokens"] = len(new_tokens[j])
         row.end(base.CONTEXT_EXHAUSTED)
-  return episode
+  return episode, batch
 
 
 def _next_observation(row: _Row, result: Optional[base.StepResult], error: Optional[str],
@@ -561,3 +619,376 @@ def _trajectory(row: _Row, context: Optional[np.ndarray], max_context: int, poli
   return Trajectory(task_id=row.task_id, tokens=tokens[:max_context], prompt_len=row.prompt_len,
                     status=row.status, num_turns=row.num_turns, grade=row.grade,
                     reward_terms=terms, info=info, **arrays)
+
+
+# -- tree rollouts ------------------------------------------------------------------------------
+
+PRUNED = "pruned"          # the internal end of a speculative copy that was dropped (never output)
+_FORK_SALT = 1 << 30       # fold_in(rng, _FORK_SALT + b): the keys of the copies forked at b
+_SCHEDULE_SALT = (1 << 30) - 1   # the draws of fork_at="random"
+_TOPUP_SALT = (1 << 30) - 2      # the rollout of the top-up rows
+
+
+def rollout_groups(sampler, make_env, tasks: Sequence[Any], group_size: int, rng, cfg, tokenizer,
+                   *, policy_version: int = 0, task_ids: Optional[Sequence[str]] = None
+                   ) -> list[list[Trajectory]]:
+  """``group_size`` trajectories of every task: one list per task, in task order.
+
+  ``make_env()`` returns a fresh environment; every environment made here is closed before the
+  call returns. With ``cfg.fork_turns == 0`` this is ``rollout`` of the rows
+  ``[t for t in tasks for _ in range(group_size)]`` (one batch, the same ``rng``), cut into groups.
+  With tree rollouts on, see ``_Tree``: each task starts ``group_size / fork_width**fork_turns``
+  rows and forks them at turn boundaries, so a group's trajectories share prefixes (its
+  ``trajectories_to_tree`` POR is higher); ``info["tree"]`` of each trajectory tells where its
+  lineage forked, and ``rollout_stats(groups)`` sums it up with the realized POR."""
+  validate_config(cfg, sampler.max_len)
+  validate_groups(cfg, group_size)
+  if task_ids is not None and len(task_ids) != len(tasks):
+    raise ValueError(f"rollout_groups got {len(task_ids)} task_ids for {len(tasks)} tasks")
+  ids = list(task_ids) if task_ids is not None else [task_id_of(t) for t in tasks]
+  made: list = []
+
+  def fresh_env():
+    env = make_env()
+    made.append(env)
+    return env
+
+  g = int(group_size)
+  try:
+    if not cfg.fork_turns:
+      rows = [t for t in tasks for _ in range(g)]
+      trajs = rollout(sampler, [fresh_env() for _ in rows], rows, rng, cfg, tokenizer,
+                      policy_version=policy_version, task_ids=[i for i in ids for _ in range(g)])
+      return [trajs[k * g:(k + 1) * g] for k in range(len(tasks))]
+    return _Tree(sampler, fresh_env, made, tasks, ids, g, rng, cfg, tokenizer,
+                 policy_version).run()
+  finally:
+    for env in made:
+      try:
+        env.close()
+      except Exception:   # closing is best effort: a failing close must not lose the rollouts
+        pass
+
+
+def rollout_stats(groups: Sequence[Sequence[Trajectory]]) -> dict:
+  """Statistics of ``rollout_groups``' groups: the realized prefix overlap ratio ``por`` (mean
+  over groups of ``trajectories_to_tree``'s, groups with no token left out) and ``por_min``; and
+  from ``info["tree"]``: ``forked_trajectories`` (made by a fork), ``fork_replay_errors``
+  (forks refused because a replayed environment did not match), ``pruned_copies`` (speculative
+  copies dropped by ``max_entropy``), ``topup_trajectories`` (plain rows that made up for rows
+  which ended before their forks)."""
+  pors = [trajectories_to_tree(g)[1]["por"] for g in groups if any(len(t) for t in g)]
+  trees = [t.info["tree"] for g in groups for t in g if "tree" in t.info]
+  return {"por": float(np.mean(pors)) if pors else 0.0,
+          "por_min": float(np.min(pors)) if pors else 0.0,
+          "forked_trajectories": sum(any(s for _, _, s in t["path"]) for t in trees),
+          "fork_replay_errors": sum(len(t["replay_errors"]) for t in trees),
+          "pruned_copies": sum(t["pruned_copies"] for t in trees),
+          "topup_trajectories": sum(bool(t["topup"]) for t in trees)}
+
+
+@dataclasses.dataclass
+class _Branch:
+  """The tree bookkeeping of one row: how many trajectories it stands for and its forks."""
+  task: int                     # index into the tasks
+  root: int                     # which of the task's root rows it descends from (-1: top-up)
+  weight: int                   # trajectories this row still has to produce (itself included)
+  forks_left: int
+  schedule: frozenset           # fork_at="random": the boundaries it forks at
+  path: list = dataclasses.field(default_factory=list)     # (boundary, prefix tokens, sibling)
+  replay_errors: list = dataclasses.field(default_factory=list)
+  pruned: int = 0               # speculative copies of it that were dropped
+  spec: Optional[list] = None   # rows of a speculative fork made at this turn (source only)
+  discarded: bool = False       # a dropped speculative copy
+
+  def copy(self) -> "_Branch":
+    return dataclasses.replace(self, path=list(self.path), replay_errors=[], pruned=0, spec=None)
+
+
+def _split(weight: int, parts: int) -> list[int]:
+  """``weight`` in ``parts`` near-equal positive integers, largest first."""
+  return [weight // parts + (1 if p < weight % parts else 0) for p in range(parts)]
+
+
+def _copy_row(row: _Row, env: base.Environment) -> _Row:
+  """A row with the same history as ``row`` running on ``env`` (its own mutable lists)."""
+  return dataclasses.replace(
+      row, env=env, segments=list(row.segments), statuses=list(row.statuses),
+      finish_reasons=list(row.finish_reasons), env_infos=list(row.env_infos),
+      errors=dict(row.errors), cut_turns=list(row.cut_turns), actions=list(row.actions),
+      results=list(row.results))
+
+
+def _turn_entropy(row: _Row, turn: int) -> Optional[float]:
+  """Mean policy entropy of ``row``'s sampled tokens of ``turn`` (None: it sampled none)."""
+  values = [s.entropy for s in row.segments if s.logp_policy is not None and s.turn == turn
+            and len(s.tokens)]
+  return float(np.concatenate(values).mean()) if values else None
+
+
+def _replicate_env(row_env: base.Environment, make_env, task: Any,
+                  opening: base.Observation, actions: Sequence[str],
+                  results: Sequence[base.StepResult]
+                  ) -> tuple[Optional[base.Environment], Optional[str]]:
+  """An environment in the state ``row_env`` reached by ``reset(task)`` and ``actions``, or
+  (None, why not). ``row_env.clone()`` when it has one (and it works); else a fresh
+  ``make_env()`` reset on ``task`` with the actions replayed, each observation, ``done`` and
+  status checked against the recorded ``opening`` / ``results``. Never raises; environments it
+  made are closed by ``rollout_groups`` (with every other one ``make_env`` gave)."""
+  clone = getattr(row_env, "clone", None)
+  if callable(clone):
+    try:
+      return clone(), None
+    except Exception:   # a failing clone falls back to the replay
+      pass
+  env = None
+  try:
+    env = make_env()
+    obs = env.reset(task)
+    why = None if obs == opening else "reset: the opening observation differs"
+    for t, (action, recorded) in enumerate(zip(actions, results)):
+      if why is not None:
+        break
+      result = env.step(action)
+      if not isinstance(result, base.StepResult) or recorded is None:
+        why = f"step {t}: returned {type(result).__name__}"
+      elif (result.observation, result.done, result.status) != (
+          recorded.observation, recorded.done, recorded.status):
+        why = (f"step {t}: the observation, done or status differs (got {result.status!r}, "
+               f"recorded {recorded.status!r}): the environment is not deterministic")
+  except Exception as e:   # an environment bug: the fork is refused, nothing is raised
+    why = _describe(e, "replay")
+  return (env, None) if why is None else (None, why)
+
+
+class _Tree:
+  """One tree rollout (``rollout_groups`` with ``cfg.fork_turns = F > 0``, ``fork_width = k``).
+
+  **Shape.** Each task starts ``G / k**F`` root rows, each standing for ``k**F`` trajectories
+  (its *weight*). A fork of a row of weight w at turn boundary b (after turn b-1's observation
+  was appended, before turn b is sampled; b >= 1, since a fork at the prompt is what a plain
+  group already shares) makes ``sampler.fork`` copies of its cache — the source continues as
+  copy 0 — with new keys for every copy (``fold_in(rng, 2**30 + b)``), and splits w among them:
+  k copies (w when it is the row's last fork point). So without early ends each task gets
+  exactly G leaves after F forks; rows that are not forking are compacted together with them (a
+  fork drops the rows whose episode ended from the batch).
+
+  **Where** (``cfg.fork_at``): ``first`` forks at boundaries 1..F; ``random`` at F distinct
+  boundaries drawn per root in 1..max_turns-1 (children inherit the rest); ``max_entropy`` forks
+  *before* the row's turn of highest mean policy entropy so far: at each boundary b the row is
+  forked speculatively, its copies sample turn b, and the fork is kept iff the copies' mean
+  entropy of turn b is at least that of every earlier turn of the row (else the copies are
+  dropped, ``pruned_copies``; their decode and environment work is the price). Whatever the
+  rule, a row forks when the boundaries left (max_turns - b) are no more than its forks left,
+  and a speculative fork is kept when its source ended at that turn (its last chance).
+
+  **Environments.** A copy's environment must be in its source's state; environments are not
+  copyable in general, so ``replicate_env`` uses ``env.clone()`` when the environment has one,
+  else replays the source's actions on a fresh ``make_env()`` and checks every observation. A
+  copy whose replay fails or differs is not made (``info["tree"]["replay_errors"]`` of the
+  source, which keeps the weight). The environments ``make_env`` gave are closed by
+  ``rollout_groups``.
+
+  **Exact counts.** A row that ends with weight w > 1 (it ended before its forks, or a fork was
+  refused) gives w - 1 to a running row of the same task (most forks left, then least weight),
+  which forks wider; a row with weight but no fork points left forks into all of it at the next
+  boundary. What no running row can take (every row of the task ended, or the last turn) is made
+  up by plain rows in one more ``rollout`` pass (``info["tree"]["topup"]``). Each group has
+  exactly G trajectories."""
+
+  def __init__(self, sampler, make_env, made, tasks, ids, group_size, rng, cfg, tokenizer,
+               policy_version):
+    self.sampler, self.make_env, self.tasks, self.ids = sampler, make_env, list(tasks), ids
+    self.made = made                  # every environment to close (make_env's, and clones)
+    self.g, self.rng, self.cfg, self.tokenizer = group_size, rng, cfg, tokenizer
+    self.policy_version = policy_version
+    self.k, self.forks, self.rule = int(cfg.fork_width), int(cfg.fork_turns), str(cfg.fork_at)
+    self.max_turns = int(cfg.max_turns)
+    self.rows: list = []
+    self.branches: list = []
+    self.contexts: dict = {}          # row -> its context when it left the batch
+    self.topup = [0] * len(self.tasks)
+    self.compact = False              # dropped speculative copies wait in the batch
+    self.executor = None
+
+  def run(self) -> list[list[Trajectory]]:
+    cfg, leaves = self.cfg, self.k ** self.forks
+    max_context = int(cfg.max_context_tokens) or int(self.sampler.max_len)
+    layout, sampling = turn_layout(self.tokenizer), sampling_config(cfg, self.tokenizer)
+    draws = np.random.default_rng(np.asarray(_seed_words(self.rng, _SCHEDULE_SALT)))
+    prompts = {}
+    for t, task in enumerate(self.tasks):
+      for r in range(self.g // leaves):
+        schedule = frozenset()
+        if self.rule == "random":
+          schedule = frozenset(int(b) for b in draws.choice(
+              np.arange(1, self.max_turns), size=self.forks, replace=False))
+        row = _Row(self.make_env(), self.ids[t])
+        prompts[len(self.rows)] = _open(row, task, self.tokenizer, max_context)
+        self.rows.append(row)
+        self.branches.append(_Branch(t, r, leaves, self.forks, schedule))
+    batch = [i for i, row in enumerate(self.rows) if row.running]
+    episode = None
+    if batch:
+      episode = self.sampler.start_episode([prompts[i] for i in batch], self.rng)
+      threads = int(cfg.env_threads)
+      with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as executor:
+        self.executor = executor if threads > 1 else None
+        step_all = functools.partial(_step_all, self.executor)
+        episode, batch = _run_turns(self.sampler, episode, batch, self.rows, step_all, cfg,
+                                    self.tokenizer, layout, sampling, max_context, tree=self)
+      self.executor = None
+      self.contexts.update({i: episode.contexts[j] for j, i in enumerate(batch)})
+    self._give_back(final=True)
+    zero_terms = _zero_terms(cfg.reward)
+    groups: list = [[] for _ in self.tasks]
+    for i, (row, branch) in enumerate(zip(self.rows, self.branches)):
+      if branch.discarded:
+        continue
+      traj = _trajectory(row, self.contexts.get(i), max_context, self.policy_version,
+                         cfg.reward, zero_terms)
+      groups[branch.task].append(self._tagged(traj, branch, topup=False))
+    extra = [t for t, n in enumerate(self.topup) for _ in range(n)]
+    if extra:
+      trajs = rollout(self.sampler, [self.make_env() for _ in extra],
+                      [self.tasks[t] for t in extra], jax.random.fold_in(self.rng, _TOPUP_SALT), cfg,
+                      self.tokenizer, policy_version=self.policy_version,
+                      task_ids=[self.ids[t] for t in extra])
+      for t, traj in zip(extra, trajs):
+        groups[t].append(self._tagged(traj, _Branch(t, -1, 1, 0, frozenset()), topup=True))
+    for t, group in enumerate(groups):
+      if len(group) != self.g:
+        raise RuntimeError(f"task {self.ids[t]!r}: the tree rollout made {len(group)} "
+                           f"trajectories, not group_size={self.g} (a bug in rollout._Tree)")
+    return groups
+
+  @staticmethod
+  def _tagged(traj: Trajectory, branch: _Branch, topup: bool) -> Trajectory:
+    tree = {"root": branch.root, "path": tuple(branch.path), "replay_errors": tuple(branch.replay_errors),
+            "pruned_copies": branch.pruned, "topup": topup}
+    return dataclasses.replace(traj, info={**traj.info, "tree": tree})
+
+  # -- weights ---------------------------------------------------------------------------------
+
+  def _give_back(self, final: bool = False) -> None:
+    """The weight of ended rows beyond their own trajectory goes to a running row of their task,
+    else (or when ``final``) to the top-up."""
+    for i, (row, branch) in enumerate(zip(self.rows, self.branches)):
+      if branch.discarded or row.running or branch.weight <= 1:
+        continue
+      owed, branch.weight = branch.weight - 1, 1
+      takers = [] if final else [
+          m for m, (r, b) in enumerate(zip(self.rows, self.branches))
+          if r.running and not b.discarded and b.task == branch.task]
+      if takers:
+        best = min(takers, key=lambda m: (-self.branches[m].forks_left,
+                                          self.branches[m].weight, m))
+        self.branches[best].weight += owed
+      else:
+        self.topup[branch.task] += owed
+
+  def _copies(self, branch: _Branch, boundary: int) -> tuple[int, bool]:
+    """(copies, speculative) of a running row at ``boundary``: 1 = no fork."""
+    w, f = branch.weight, branch.forks_left
+    if w <= 1:
+      return 1, False
+    if f == 0:
+      return w, False                      # weight given by a row that ended: fork into all of it
+    wide = w if f == 1 else min(self.k, w)
+    if (self.max_turns - boundary <= f or self.rule == "first"
+        or (self.rule == "random" and boundary in branch.schedule)):
+      return wide, False
+    return (wide, True) if self.rule == "max_entropy" else (1, False)
+
+  def _settle(self, members: list) -> None:
+    """Splits the source's weight (``members[0]``) over the fork's rows."""
+    source = self.branches[members[0]]
+    f = source.forks_left
+    for m, part in zip(members, _split(source.weight, len(members))):
+      self.branches[m].weight = part
+      self.branches[m].forks_left = max(f - 1, 0) if part > 1 else 0
+
+  # -- the hooks of _run_turns -------------------------------------------------------------------
+
+  def before_turn(self, episode, batch: list, boundary: int):
+    """Forks the rows whose rule fires at ``boundary`` (and drops ended rows from the batch)."""
+    self._give_back()
+    plan = [(j, i) + self._copies(self.branches[i], boundary)
+            for j, i in enumerate(batch) if self.rows[i].running]
+    if not plan or not (self.compact or any(c > 1 for _, _, c, _ in plan)):
+      return episode, batch
+    jobs = [(i, c - 1) for _, i, c, _ in plan if c > 1]
+    replicas = self._replicate(jobs)
+    index, new_batch = [], []
+    for j, i, c, speculative in plan:
+      members = [i]
+      for env, why in replicas.get(i, ()):
+        if env is None:
+          self.branches[i].replay_errors.append(f"boundary {boundary}: {why}")
+          continue
+        members.append(len(self.rows))
+        self.rows.append(_copy_row(self.rows[i], env))
+        self.branches.append(self.branches[i].copy())
+      index += [j] * len(members)
+      new_batch += members
+      if len(members) > 1:
+        prefix = len(episode.contexts[j])
+        for sibling, m in enumerate(members):
+          self.branches[m].path.append((boundary, prefix, sibling))
+        if speculative:
+          self.branches[i].spec = members
+        else:
+          self._settle(members)
+    for j, i in enumerate(batch):
+      if not self.rows[i].running:
+        self.contexts[i] = episode.contexts[j]
+    self.compact = False
+    episode = self.sampler.fork(episode, index, jax.random.fold_in(self.rng, _FORK_SALT + boundary))
+    return episode, new_batch
+
+  def after_step(self, batch: list, new_tokens: list, turn: int) -> None:
+    """Keeps or drops the speculative forks made before ``turn`` (``max_entropy``)."""
+    where = {i: j for j, i in enumerate(batch)}
+    for i, branch in enumerate(self.branches):
+      if branch.spec is None:
+        continue
+      members, branch.spec = branch.spec, None
+      source = self.rows[i]
+      earlier = [e for t in range(turn) if (e := _turn_entropy(source, t)) is not None]
+      now = [e for m in members if (e := _turn_entropy(self.rows[m], turn)) is not None]
+      if not source.running or (now and float(np.mean(now)) >= max(earlier, default=-np.inf)):
+        self._settle(members)
+        continue
+      for m in members[1:]:
+        self.rows[m].end(PRUNED)
+        self.branches[m].discarded = True
+        new_tokens[where[m]] = None
+      branch.path.pop()
+      branch.pruned += len(members) - 1
+      self.compact = True
+
+  def _replicate(self, jobs: list) -> dict:
+    """{row: [(env or None, why not)] * copies} for ``jobs`` = [(row, copies)], concurrently."""
+    calls = [i for i, n in jobs for _ in range(n)]
+
+    def one(i):
+      row = self.rows[i]
+      return _replicate_env(row.env, self.make_env, self.tasks[self.branches[i].task],
+                           row.opening, row.actions, row.results)
+
+    done = (list(self.executor.map(one, calls)) if self.executor is not None and len(calls) > 1
+            else [one(i) for i in calls])
+    out: dict = {}
+    for i, (env, why) in zip(calls, done):
+      if env is not None and all(env is not e for e in self.made):
+        self.made.append(env)         # a clone
+      out.setdefault(i, []).append((env, why))
+    return out
+
+
+def _seed_words(rng, data: int) -> np.ndarray:
+  """uint32 words of ``fold_in(rng, data)``: a numpy seed drawn from a JAX key."""
+  key = jax.random.fold_in(rng, data)
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  return np.asarray(key).ravel()

@@ -34,6 +34,7 @@ appended to it in one chunked forward pass, and the history is never prefilled t
     episode = sampler.extend(episode, [obs_ids_0, None, []])     # None: row 1's episode is over
     episode, out = sampler.generate_turn(episode, config, tok)   # turn 1, continuing each row
     children = sampler.fork(episode, [0, 0, 0, 2], rng)          # copies of rows' caches
+    episode = sampler.recompute(episode)   # after sampler.params = new: caches rebuilt
     episode.contexts[i]                                          # every token id in row i's cache
 
 Each call but ``fork`` consumes the ``Episode`` it is given (its device buffers are donated):
@@ -416,6 +417,28 @@ class Sampler:
                          self._put(end_b), max_len=self.max_len)
     return dataclasses.replace(episode, state=state, contexts=tuple(contexts),
                                end_reasons=tuple(reasons))
+
+  def recompute(self, episode: Episode) -> Episode:
+    """The same episode with every running row's cache rebuilt from its context by one prefill
+    under the *current* ``self.params`` — after a weight swap mid-episode (partial rollout), so
+    the next turn attends to keys and values of the new policy instead of those of the params
+    that wrote them. Contexts, keys, turn count and ended rows are kept (an ended row keeps its
+    end reason and never decodes again); the next ``generate_turn`` continues as after
+    ``extend``. Consumes ``episode`` (keep only the returned one)."""
+    running = [reason is None for reason in episode.end_reasons]
+    prompts = [c if run else c[:1] if len(c) else np.zeros((1,), np.int32)
+               for c, run in zip(episode.contexts, running)]
+    padded = episode.state.lengths_b.shape[0]
+    state = self._prefill_prompts(prompts, episode.base_keys, self.output_bucket,
+                                  self.output_bucket)
+    codes = np.full((padded,), decode.INACTIVE, np.int32)   # padding rows
+    for i, reason in enumerate(episode.end_reasons):
+      codes[i] = decode.RUNNING if reason is None else (
+          decode.MAX_LEN if reason == "max_len" else decode.INACTIVE)
+    end_b = self._put(codes)
+    state = state.replace(episode_end_b=end_b, finish_b=end_b,
+                          done_b=self._put(codes != decode.RUNNING))
+    return dataclasses.replace(episode, state=state)
 
   def fork(self, episode: Episode, rows: Sequence[int], rng: Optional[jax.Array] = None
            ) -> Episode:

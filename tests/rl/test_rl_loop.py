@@ -33,8 +33,12 @@ def _config(advantage="grpo", value_head=False, tree_mode=True):
   c.rl.rollout.update(dict(max_turns=1, max_new_tokens=6, max_observation_tokens=0,
                            env_threads=2))
   c.rl.advantage.name = advantage
+  # Adam's first step is lr·g / (|g| + eps): with the default eps 1e-8 a near-zero gradient entry
+  # gets a ~lr step whose size hangs on its float32 rounding (tree vs flat summation order), so
+  # params could differ by ~lr·1e-3 where the gradients agree to 1e-9. eps = 1e-3 keeps the step
+  # well-conditioned (linear in g for |g| << eps), so equal params mean equal gradients.
   c.train.update(dict(loss="tree", objective="ppo", batch_size=8, steps=2, warmup_steps=0,
-                      learning_rate=1e-2, weight_decay=0.0, progress_bar=False, log_every=1,
+                      eps=1e-3, learning_rate=1e-2, weight_decay=0.0, progress_bar=False, log_every=1,
                       eval_every=0, value_coef=0.5 if value_head else 0.0))
   c.tree.update(dict(max_len=512, max_tokens=560, max_nodes=16, max_traj=GROUP))
   return c
@@ -125,3 +129,38 @@ def test_iteration_metrics_and_loop_state_round_trip(tmp_path, pool):
   for a, b in zip(_leaves(stage.trainer.params), _leaves(again.trainer.params)):
     np.testing.assert_array_equal(a, b)
   again.close()
+
+
+def test_compacted_pruned_update_equals_the_masked_one(tmp_path, pool):
+  """rl.prune (host pruning + compaction: score and train see only the kept tokens) gives the same
+  update as config.train.prune (the same keep mask gating the loss inside the step) on the same
+  rollouts, with fewer tree tokens in the batch."""
+  def config(where):
+    c = _config()
+    c.rl.rollout.max_new_tokens = 16
+    prune = c.rl.prune if where == "rl" else c.train.prune
+    prune.update(dict(enabled=True, budget_fraction=0.9))
+    return c
+  compacted = _stage(config("rl"), tmp_path, "compacted", pool)
+  masked = _stage(config("train"), tmp_path, "masked", pool)
+  groups, _ = compacted.collect()
+  rewards = np.random.default_rng(2).normal(size=(TASKS, GROUP))
+  batch, info = compacted.build_batch(groups, rewards)
+  small = compacted.prepare(batch, info)
+  assert info["prune"]["kept_fraction"] < 0.95
+  assert small["tokens"].shape[1] < batch["tokens"].shape[1]
+  assert small["token_valid"].sum() < batch["token_valid"].sum()
+  assert (small["field/weight"] > 0).sum() > 0      # some sampled tokens survive the budget
+  [m_small] = compacted.update(small)
+  full, full_info = masked.build_batch(groups, rewards)
+  [m_full] = masked.update(masked.add_advantages(full, full_info))
+  np.testing.assert_allclose(m_small["loss"], m_full["loss"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(m_full["prune/kept_fraction"], info["prune"]["kept_fraction"],
+                             rtol=1e-5)
+  for a, b in zip(_leaves(compacted.trainer.params), _leaves(masked.trainer.params)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+  with pytest.raises(rl_loop.ConfigError, match="rl.prune.enabled and config.train.prune"):
+    c = config("rl")
+    c.train.prune.enabled = True
+    rl_loop.validate(c)
+  compacted.close(), masked.close()
