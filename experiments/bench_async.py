@@ -41,66 +41,71 @@ from absl import app, flags
 from kat_jax.eval.scoring import extract_code
 from kat_jax.rl.envs import base
 
-_ROUNDS = flags.DEFINE_integer("rounds", 2, "Timed rounds (each runs every case).")
-_ITERATIONS = flags.DEFINE_integer("iterations", 4, "Updates per case per round.")
-_ETAS = flags.DEFINE_string("etas", "1,2", "Staleness bounds of the manager cases.")
-_TASKS = flags.DEFINE_integer("tasks", 4, "Groups per update (B = tasks_per_iteration).")
-_GROUP = flags.DEFINE_integer("group", 4, "Rollouts per task (G).")
-_MAX_TURNS = flags.DEFINE_integer("max_turns", 2, "Assistant turns per episode.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens sampled per turn.")
-_DELAY = flags.DEFINE_enum("delay", "lognormal", ["lognormal", "exponential", "uniform", "none"],
-                           "Distribution of the per-episode environment latency.")
-_DELAY_MS = flags.DEFINE_float("delay_ms", 2000.0, "Median (lognormal) / mean of the latency.")
-_DELAY_SIGMA = flags.DEFINE_float("delay_sigma", 0.75, "Log-std of the lognormal latency.")
-_SANDBOX_CALLS = flags.DEFINE_bool("sandbox_calls", True,
-                                   "Run the model's code on the visible tests at every step.")
-_WORKERS = flags.DEFINE_integer("rollout_workers", 4, "Episode-driver threads (manager cases).")
-_BATCH_GROUPS = flags.DEFINE_integer("batch_groups", 2, "Groups per lockstep rollout batch of a "
-                                     "manager worker.")
-_KV = flags.DEFINE_enum("kv_on_resume", "keep", ["keep", "recompute"], "Partial-rollout KV.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the tasks, the sampling and the latencies.")
-_PRESET = flags.DEFINE_string("preset", "tiny", "Model preset.")
-_D_MODEL = flags.DEFINE_integer("d_model", 0, "Override the preset's d_model (0 = keep).")
-_LAYERS = flags.DEFINE_integer("num_layers", 0, "Override the preset's num_layers (0 = keep).")
-_INIT_FROM = flags.DEFINE_string("init_from", "", "Checkpoint to start from ('' = fresh init).")
-_TOKENIZER = flags.DEFINE_string("tokenizer_dir", "", "Tokenizer ('' = train one, cached).")
-_WORKDIR = flags.DEFINE_string("workdir", "", "Run directory ('' = a temporary one).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line, defined only when run as a script: flags defined at import would clash
+  with those of the other experiments/ modules imported into the same process (the tests)."""
+  flags.DEFINE_integer("rounds", 2, "Timed rounds (each runs every case).")
+  flags.DEFINE_integer("iterations", 4, "Updates per case per round.")
+  flags.DEFINE_string("etas", "1,2", "Staleness bounds of the manager cases.")
+  flags.DEFINE_integer("tasks", 4, "Groups per update (B = tasks_per_iteration).")
+  flags.DEFINE_integer("group", 4, "Rollouts per task (G).")
+  flags.DEFINE_integer("max_turns", 2, "Assistant turns per episode.")
+  flags.DEFINE_integer("max_new_tokens", 16, "Tokens sampled per turn.")
+  flags.DEFINE_enum("delay", "lognormal", ["lognormal", "exponential", "uniform", "none"],
+                    "Distribution of the per-episode environment latency.")
+  flags.DEFINE_float("delay_ms", 2000.0, "Median (lognormal) / mean of the latency.")
+  flags.DEFINE_float("delay_sigma", 0.75, "Log-std of the lognormal latency.")
+  flags.DEFINE_bool("sandbox_calls", True,
+                    "Run the model's code on the visible tests at every step.")
+  flags.DEFINE_integer("rollout_workers", 4, "Episode-driver threads (manager cases).")
+  flags.DEFINE_integer("batch_groups", 2, "Groups per lockstep rollout batch of a manager worker.")
+  flags.DEFINE_enum("kv_on_resume", "keep", ["keep", "recompute"], "Partial-rollout KV.")
+  flags.DEFINE_integer("seed", 0, "Seed of the tasks, the sampling and the latencies.")
+  flags.DEFINE_string("preset", "tiny", "Model preset.")
+  flags.DEFINE_integer("d_model", 0, "Override the preset's d_model (0 = keep).")
+  flags.DEFINE_integer("num_layers", 0, "Override the preset's num_layers (0 = keep).")
+  flags.DEFINE_string("init_from", "", "Checkpoint to start from ('' = fresh init).")
+  flags.DEFINE_string("tokenizer_dir", "", "Tokenizer ('' = train one, cached).")
+  flags.DEFINE_string("workdir", "", "Run directory ('' = a temporary one).")
 
 
 def _config(iterations: int):
   from configs.base import get_base_config
-  c = get_base_config(_PRESET.value)
-  c.stage, c.seed, c.init_from = "rl", _SEED.value, _INIT_FROM.value
-  c.data.tokenizer_path = _TOKENIZER.value
+  c = get_base_config(FLAGS.preset)
+  c.stage, c.seed, c.init_from = "rl", FLAGS.seed, FLAGS.init_from
+  c.data.tokenizer_path = FLAGS.tokenizer_dir
   c.data.tokenizer_max_sentences = 3000
-  c.rl.update(dict(env_name="code", iterations=iterations, tasks_per_iteration=_TASKS.value,
-                   group_size=_GROUP.value, eval_every=0, sandbox_workers=2,
+  c.rl.update(dict(env_name="code", iterations=iterations, tasks_per_iteration=FLAGS.tasks,
+                   group_size=FLAGS.group, eval_every=0, sandbox_workers=2,
                    checkpoint_every=10 ** 6))
   c.rl.env.update(dict(tool_timeout_s=2.0, max_observation_chars=600))
-  c.rl.rollout.update(dict(max_turns=_MAX_TURNS.value, max_new_tokens=_MAX_NEW.value,
+  c.rl.rollout.update(dict(max_turns=FLAGS.max_turns, max_new_tokens=FLAGS.max_new_tokens,
                            temperature=1.0, max_observation_tokens=192,
-                           env_threads=max(_TASKS.value * _GROUP.value, 1)))
-  c.rl.manager.kv_on_resume = _KV.value
-  c.train.update(dict(loss="tree", objective="decoupled_ppo", batch_size=_TASKS.value,
+                           env_threads=max(FLAGS.tasks * FLAGS.group, 1)))
+  c.rl.manager.kv_on_resume = FLAGS.kv_on_resume
+  c.train.update(dict(loss="tree", objective="decoupled_ppo", batch_size=FLAGS.tasks,
                       steps=iterations, warmup_steps=0, learning_rate=1e-4, weight_decay=0.0,
                       progress_bar=False, log_every=10 ** 6, eval_every=0,
                       checkpoint_every=10 ** 6))
   # A code-env prompt (system turn with the tools block) is ~650 tokens with the trained tokenizer.
-  c.tree.update(dict(max_len=1024, max_tokens=2048, max_nodes=64, max_traj=_GROUP.value))
-  if _D_MODEL.value:
-    c.model.update(dict(d_model=_D_MODEL.value, mlp_dim=4 * _D_MODEL.value))
-  if _LAYERS.value:
-    c.model.num_layers = _LAYERS.value
+  c.tree.update(dict(max_len=1024, max_tokens=2048, max_nodes=64, max_traj=FLAGS.group))
+  if FLAGS.d_model:
+    c.model.update(dict(d_model=FLAGS.d_model, mlp_dim=4 * FLAGS.d_model))
+  if FLAGS.num_layers:
+    c.model.num_layers = FLAGS.num_layers
   return c
 
 
 def _delay_s(rng: np.random.Generator) -> float:
-  ms = _DELAY_MS.value
-  if _DELAY.value == "none" or ms <= 0:
+  ms = FLAGS.delay_ms
+  if FLAGS.delay == "none" or ms <= 0:
     return 0.0
-  if _DELAY.value == "lognormal":
-    return float(ms * np.exp(_DELAY_SIGMA.value * rng.standard_normal())) / 1e3
-  if _DELAY.value == "exponential":
+  if FLAGS.delay == "lognormal":
+    return float(ms * np.exp(FLAGS.delay_sigma * rng.standard_normal())) / 1e3
+  if FLAGS.delay == "exponential":
     return float(rng.exponential(ms)) / 1e3
   return float(rng.uniform(0.0, 2 * ms)) / 1e3
 
@@ -131,7 +136,7 @@ class LatencyEnv(base.Environment):
 
   def step(self, action):
     result = self.env.step(action)
-    if _SANDBOX_CALLS.value and self.env.task is not None:
+    if FLAGS.sandbox_calls and self.env.task is not None:
       job = self.env.task.visible_job(extract_code(action))
       self.env.pool.run(dataclasses.replace(job, limits=self.env.limits))
     time.sleep(self.delay_s)
@@ -153,10 +158,10 @@ def run_case(stage, iterations: int, eta: int) -> dict:
   from kat_jax.rl import manager as manager_lib
   m = stage.config.rl.manager
   m.enabled, m.eta = True, eta
-  m.rollout_workers = 1 if eta == 0 else _WORKERS.value
-  m.batch_groups = _TASKS.value if eta == 0 else _BATCH_GROUPS.value
+  m.rollout_workers = 1 if eta == 0 else FLAGS.rollout_workers
+  m.batch_groups = FLAGS.tasks if eta == 0 else FLAGS.batch_groups
   run = manager_lib.AsyncRL(stage, end_iteration=stage.iteration + iterations,
-                            env_wrapper=_wrapper(_SEED.value))
+                            env_wrapper=_wrapper(FLAGS.seed))
   try:
     for _ in range(iterations):
       run.iterate(timeout=1800)
@@ -169,20 +174,20 @@ def run_case(stage, iterations: int, eta: int) -> dict:
 def main(argv):
   del argv
   from kat_jax.rl import loop as rl_loop
-  etas = [int(e) for e in _ETAS.value.split(",") if e.strip()]
+  etas = [int(e) for e in FLAGS.etas.split(",") if e.strip()]
   cases = [("sync", 0)] + [("manager", e) for e in etas]
-  per_case = 1 + _ROUNDS.value * _ITERATIONS.value
+  per_case = 1 + FLAGS.rounds * FLAGS.iterations
   config = _config(iterations=len(cases) * per_case)
-  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="kat_bench_async_")
+  workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="kat_bench_async_")
   tokenizer = None
-  if not _TOKENIZER.value:
+  if not FLAGS.tokenizer_dir:
     from kat_jax.data import pipeline
     tokenizer = pipeline.get_or_train_tokenizer(config.data, workdir)
   stage = rl_loop.RLStage(config, workdir, tokenizer=tokenizer)
   results = {c: [] for c in cases}
   try:
-    for round_ in range(-1, _ROUNDS.value):             # round -1: warm-up (compiles)
-      iters = 1 if round_ < 0 else _ITERATIONS.value
+    for round_ in range(-1, FLAGS.rounds):             # round -1: warm-up (compiles)
+      iters = 1 if round_ < 0 else FLAGS.iterations
       for case, eta in cases:
         r = run_case(stage, iters, eta)
         if round_ >= 0:
@@ -207,13 +212,14 @@ def main(argv):
         "staleness_histogram": hist,
         "swaps": sum(r["swaps"] for r in rs),
         "round_trajectories_per_s": [r["trajectories_per_s"] for r in rs],
-        "rounds": _ROUNDS.value, "iterations": _ITERATIONS.value, "tasks": _TASKS.value,
-        "group": _GROUP.value, "max_turns": _MAX_TURNS.value, "rollout_workers": (
-            _WORKERS.value if case == "manager" else 1),
-        "delay": _DELAY.value, "delay_ms": _DELAY_MS.value, "delay_sigma": _DELAY_SIGMA.value,
-        "sandbox_calls": _SANDBOX_CALLS.value, "kv_on_resume": _KV.value,
+        "rounds": FLAGS.rounds, "iterations": FLAGS.iterations, "tasks": FLAGS.tasks,
+        "group": FLAGS.group, "max_turns": FLAGS.max_turns, "rollout_workers": (
+            FLAGS.rollout_workers if case == "manager" else 1),
+        "delay": FLAGS.delay, "delay_ms": FLAGS.delay_ms, "delay_sigma": FLAGS.delay_sigma,
+        "sandbox_calls": FLAGS.sandbox_calls, "kv_on_resume": FLAGS.kv_on_resume,
     }), flush=True)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -53,20 +53,25 @@ from kernels.tree_attention import blocksparse, layout, pallas, reference, synth
 from kernels.tree_attention.layout import BlockSizes
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("sizes", ["1024", "2048", "4096"], "approximate tree sizes in tokens")
-flags.DEFINE_list("pors", ["0.5", "0.75"], "target prefix-overlap ratios")
-flags.DEFINE_integer("trajectories", 8, "trajectories per tree")
-flags.DEFINE_integer("heads", 8, "query heads")
-flags.DEFINE_integer("kv_heads", 2, "key/value heads")
-flags.DEFINE_integer("head_dim", 64, "head dimension")
-flags.DEFINE_integer("block", 64, "block size (queries and keys)")
-flags.DEFINE_integer("chunk_width", layout.DEFAULT_CHUNK_WIDTH, "key blocks per chunk")
-flags.DEFINE_integer("repeats", 5, "timed runs per case (after one warm-up)")
-flags.DEFINE_list("impls", ["xla", "reference", "blocksparse"],
-                  "implementations to time: xla, reference, blocksparse, pallas, flash")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of q, k, v")
-flags.DEFINE_integer("max_dense_tokens", 4096, "skip the dense xla path above this many tokens")
-flags.DEFINE_integer("seed", 0, "tree seed")
+
+
+def define_flags() -> None:
+  """The command line, defined only when run as a script: flags defined at import would clash
+  with those of the other experiments/ modules imported into the same process (the tests)."""
+  flags.DEFINE_list("sizes", ["1024", "2048", "4096"], "approximate tree sizes in tokens")
+  flags.DEFINE_list("pors", ["0.5", "0.75"], "target prefix-overlap ratios")
+  flags.DEFINE_integer("trajectories", 8, "trajectories per tree")
+  flags.DEFINE_integer("heads", 8, "query heads")
+  flags.DEFINE_integer("kv_heads", 2, "key/value heads")
+  flags.DEFINE_integer("head_dim", 64, "head dimension")
+  flags.DEFINE_integer("block", 64, "block size (queries and keys)")
+  flags.DEFINE_integer("chunk_width", layout.DEFAULT_CHUNK_WIDTH, "key blocks per chunk")
+  flags.DEFINE_integer("repeats", 5, "timed runs per case (after one warm-up)")
+  flags.DEFINE_list("impls", ["xla", "reference", "blocksparse"],
+                    "implementations to time: xla, reference, blocksparse, pallas, flash")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of q, k, v")
+  flags.DEFINE_integer("max_dense_tokens", 4096, "skip the dense xla path above this many tokens")
+  flags.DEFINE_integer("seed", 0, "tree seed")
 
 
 def make_tree(rng, size: int, por: float, num_trajectories: int):
@@ -256,4 +261,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -46,23 +46,29 @@ from kat_jax.data import pipeline
 from kat_jax.data import tokenizer as tokenizer_lib
 from kat_jax.model import get_preset
 
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Tokens per row.")
-_NUM_BATCHES = flags.DEFINE_integer("num_batches", 200, "Timed batches per case.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS cache ('' = the default cache).")
-_WORKDIR = flags.DEFINE_string("workdir", "", "Tokenizer cache ('' = a temporary directory).")
-_CODE_ROOT = flags.DEFINE_string("code_root", "", "Code corpus root ('' = the Python stdlib).")
-_PRESET = flags.DEFINE_string("preset", "small", "Model preset: its vocab_size sizes the "
-                              "tokenizer of every case; loader_vs_step times its train step.")
-_CASES = flags.DEFINE_list("cases", ["kat_fim_off", "kat_fim_off_no_prefetch", "kat_fim_on",
-                                     "kat_mixture", "grain_concat_then_split", "loader_vs_step"],
-                           "Cases to run.")
-_STEP_BATCH_SIZE = flags.DEFINE_integer("step_batch_size", 4, "loader_vs_step: rows per batch.")
-_STEP_SEQ_LEN = flags.DEFINE_integer("step_seq_len", 256, "loader_vs_step: tokens per row.")
-_STEP_STEPS = flags.DEFINE_integer("step_steps", 2, "loader_vs_step: timed train steps per round.")
-_STEP_ROUNDS = flags.DEFINE_integer("step_rounds", 2, "loader_vs_step: rounds; the best is kept.")
-_GOAL_RATIO = flags.DEFINE_float("goal_ratio", 10.0,
-                                 "loader_vs_step: loader tokens/s must be this many times the step's.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line, defined only when run as a script: flags defined at import would clash
+  with those of the other experiments/ modules imported into the same process (the tests)."""
+  flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
+  flags.DEFINE_integer("seq_len", 1024, "Tokens per row.")
+  flags.DEFINE_integer("num_batches", 200, "Timed batches per case.")
+  flags.DEFINE_string("data_dir", "", "TFDS cache ('' = the default cache).")
+  flags.DEFINE_string("workdir", "", "Tokenizer cache ('' = a temporary directory).")
+  flags.DEFINE_string("code_root", "", "Code corpus root ('' = the Python stdlib).")
+  flags.DEFINE_string("preset", "small", "Model preset: its vocab_size sizes the "
+                      "tokenizer of every case; loader_vs_step times its train step.")
+  flags.DEFINE_list("cases", ["kat_fim_off", "kat_fim_off_no_prefetch", "kat_fim_on",
+                              "kat_mixture", "grain_concat_then_split", "loader_vs_step"],
+                    "Cases to run.")
+  flags.DEFINE_integer("step_batch_size", 4, "loader_vs_step: rows per batch.")
+  flags.DEFINE_integer("step_seq_len", 256, "loader_vs_step: tokens per row.")
+  flags.DEFINE_integer("step_steps", 2, "loader_vs_step: timed train steps per round.")
+  flags.DEFINE_integer("step_rounds", 2, "loader_vs_step: rounds; the best is kept.")
+  flags.DEFINE_float("goal_ratio", 10.0,
+                     "loader_vs_step: loader tokens/s must be this many times the step's.")
 
 
 def _time_batches(iterator, num_batches: int) -> dict:
@@ -187,18 +193,18 @@ def _git_toplevel() -> str:
 def main(argv):
   del argv
   base = config_lib.default_data_config()
-  base.data_dir = _DATA_DIR.value
-  base.code.root = _CODE_ROOT.value
-  base.vocab_size = int(get_preset(_PRESET.value).vocab_size)   # the model's tokenizer
-  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="bench_data_")
+  base.data_dir = FLAGS.data_dir
+  base.code.root = FLAGS.code_root
+  base.vocab_size = int(get_preset(FLAGS.preset).vocab_size)   # the model's tokenizer
+  workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="bench_data_")
   tokenizer = pipeline.get_or_train_tokenizer(base, workdir)
-  shape = dict(batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value,
-               num_batches=_NUM_BATCHES.value)
+  shape = dict(batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
+               num_batches=FLAGS.num_batches)
   common = dict(shape, corpus=pipeline.code_corpus_builder(base).builder_config.root,
-                preset=_PRESET.value, vocab_size=tokenizer.vocab_size,
-                model_vocab_size=int(get_preset(_PRESET.value).vocab_size),
+                preset=FLAGS.preset, vocab_size=tokenizer.vocab_size,
+                model_vocab_size=int(get_preset(FLAGS.preset).vocab_size),
                 cpu_count=os.cpu_count())
-  for case in _CASES.value:
+  for case in FLAGS.cases:
     config = base.copy_and_resolve_references()
     if case == "kat_fim_off":
       result = measure_loader_tokens_per_s(config, tokenizer=tokenizer, **shape)
@@ -219,15 +225,16 @@ def main(argv):
       result = measure_grain_baseline_tokens_per_s(config, tokenizer, **shape)
     elif case == "loader_vs_step":
       result = compare_loader_with_step(
-          fim_on(config), tokenizer, preset=_PRESET.value, batch_size=_STEP_BATCH_SIZE.value,
-          seq_len=_STEP_SEQ_LEN.value, num_batches=_NUM_BATCHES.value, steps=_STEP_STEPS.value,
-          rounds=_STEP_ROUNDS.value, goal_ratio=_GOAL_RATIO.value)
+          fim_on(config), tokenizer, preset=FLAGS.preset, batch_size=FLAGS.step_batch_size,
+          seq_len=FLAGS.step_seq_len, num_batches=FLAGS.num_batches, steps=FLAGS.step_steps,
+          rounds=FLAGS.step_rounds, goal_ratio=FLAGS.goal_ratio)
       print(json.dumps({"case": case, **common, **result}), flush=True)
       continue
     else:
-      raise ValueError(f"unknown case {case!r}; known: {_CASES.default}")
+      raise ValueError(f"unknown case {case!r}; known: {FLAGS['cases'].default}")
     print(json.dumps({"case": case, **common, **result}), flush=True)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

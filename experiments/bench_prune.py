@@ -36,15 +36,20 @@ from kat_jax.tree.reference import reference_prune
 from kat_jax.tree.synthetic import agentic_trajectories, synthetic_entropies
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("sizes", ["10000", "100000", "1000000"], "target tree sizes (unique tokens)")
-flags.DEFINE_float("budget_fraction", 0.6, "token budget as a fraction of each tree")
-flags.DEFINE_integer("event_window", 16, "tokens kept after each event node")
-flags.DEFINE_enum("event_mode", "attached", ["attached", "mandatory"], "prune.event_mode")
-flags.DEFINE_integer("repeats", 5, "timed jitted runs per size (after one compile run)")
-flags.DEFINE_integer("seed", 0, "tree and entropy seed")
-flags.DEFINE_bool("reference", True, "also time the Python reference")
-flags.DEFINE_bool("retention", False, "also print the synthetic retention table per budget")
-flags.DEFINE_list("retention_budgets", ["0.2", "0.4", "0.6", "0.8"], "budget fractions")
+
+
+def define_flags() -> None:
+  """The command line, defined only when run as a script: flags defined at import would clash
+  with those of the other experiments/ modules imported into the same process (the tests)."""
+  flags.DEFINE_list("sizes", ["10000", "100000", "1000000"], "target tree sizes (unique tokens)")
+  flags.DEFINE_float("budget_fraction", 0.6, "token budget as a fraction of each tree")
+  flags.DEFINE_integer("event_window", 16, "tokens kept after each event node")
+  flags.DEFINE_enum("event_mode", "attached", ["attached", "mandatory"], "prune.event_mode")
+  flags.DEFINE_integer("repeats", 5, "timed jitted runs per size (after one compile run)")
+  flags.DEFINE_integer("seed", 0, "tree and entropy seed")
+  flags.DEFINE_bool("reference", True, "also time the Python reference")
+  flags.DEFINE_bool("retention", False, "also print the synthetic retention table per budget")
+  flags.DEFINE_list("retention_budgets", ["0.2", "0.4", "0.6", "0.8"], "budget fractions")
 
 
 def _timed(fn):
@@ -145,4 +150,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -35,16 +35,22 @@ from typing import Any
 
 from absl import app, flags
 
-_PRESETS = flags.DEFINE_list("presets", ["tiny", "small"], "Model presets (random init).")
-_TURNS = flags.DEFINE_multi_integer("turns", [2, 4, 8], "Assistant turns per episode.")
-_EPISODES = flags.DEFINE_integer("episodes", 16, "Episodes rolled out together (batch rows).")
-_NEW = flags.DEFINE_integer("new_tokens", 64, "Tokens sampled per turn at most.")
-_TOOL = flags.DEFINE_integer("tool_tokens", 64, "Tokens of each tool result's text.")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per side (after one warm-up round).")
-_SANDBOX = flags.DEFINE_integer("sandbox_workers", 2,
-                                "Sandbox workers running each tool call (0 = no sandbox: the "
-                                "tool result is computed in-process).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random init.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line, defined only when run as a script: flags defined at import would clash
+  with those of the other experiments/ modules imported into the same process (the tests)."""
+  flags.DEFINE_list("presets", ["tiny", "small"], "Model presets (random init).")
+  flags.DEFINE_multi_integer("turns", [2, 4, 8], "Assistant turns per episode.")
+  flags.DEFINE_integer("episodes", 16, "Episodes rolled out together (batch rows).")
+  flags.DEFINE_integer("new_tokens", 64, "Tokens sampled per turn at most.")
+  flags.DEFINE_integer("tool_tokens", 64, "Tokens of each tool result's text.")
+  flags.DEFINE_integer("rounds", 3, "Timed rounds per side (after one warm-up round).")
+  flags.DEFINE_integer("sandbox_workers", 2,
+                       "Sandbox workers running each tool call (0 = no sandbox: the "
+                       "tool result is computed in-process).")
+  flags.DEFINE_integer("seed", 0, "Seed of the random init.")
 
 
 class ByteTokenizer:
@@ -313,14 +319,15 @@ def main(argv):
   jax.config.update("jax_default_matmul_precision", "highest")   # greedy ties: same on both
   from kat_jax.sandbox import SandboxPool
   with contextlib.ExitStack() as stack:
-    pool = (stack.enter_context(SandboxPool(num_workers=_SANDBOX.value))
-            if _SANDBOX.value > 0 else None)
-    for preset in _PRESETS.value:
-      for turns in _TURNS.value:
-        print(json.dumps(measure(preset, turns, episodes=_EPISODES.value, new_tokens=_NEW.value,
-                                 tool_tokens=_TOOL.value, rounds=_ROUNDS.value, pool=pool,
-                                 seed=_SEED.value)), flush=True)
+    pool = (stack.enter_context(SandboxPool(num_workers=FLAGS.sandbox_workers))
+            if FLAGS.sandbox_workers > 0 else None)
+    for preset in FLAGS.presets:
+      for turns in FLAGS.turns:
+        print(json.dumps(measure(preset, turns, episodes=FLAGS.episodes,
+                                 new_tokens=FLAGS.new_tokens, tool_tokens=FLAGS.tool_tokens,
+                                 rounds=FLAGS.rounds, pool=pool, seed=FLAGS.seed)), flush=True)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

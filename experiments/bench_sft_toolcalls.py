@@ -46,21 +46,27 @@ from typing import Any, Optional, Sequence
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/kat_bench_sft_toolcalls", "Run directory.")
-_STEPS = flags.DEFINE_integer("steps", 300, "SFT steps.")
-_BATCH = flags.DEFINE_integer("batch_size", 4, "Rows per step.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Tokens per row.")
-_LR = flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate.")
-_TASKS = flags.DEFINE_integer("tasks", 16, "Held-out procedural tasks sampled.")
-_TURNS = flags.DEFINE_integer("max_turns", 2, "Assistant turns per episode.")
-_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 192, "Tokens sampled per turn.")
-_INIT_FROM = flags.DEFINE_string("init_from", "", "Starting checkpoint ('' = from scratch).")
-_CODE_EPISODES = flags.DEFINE_integer("code_episodes", 240, "Code teacher episodes.")
-_REPO_EPISODES = flags.DEFINE_integer("repo_episodes", 30, "Repository teacher episodes.")
-_MATH_EPISODES = flags.DEFINE_integer("math_episodes", 30, "Math teacher episodes.")
-_INSTRUCTIONS = flags.DEFINE_integer("instructions", 200, "Instruction-following examples.")
-_MEASURE_ONLY = flags.DEFINE_bool("measure_only", False, "Sample the run trained in --workdir "
-                                  "again (no data, no training).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line, defined only when run as a script: flags defined at import would clash
+  with those of the other experiments/ modules imported into the same process (the tests)."""
+  flags.DEFINE_string("workdir", "/tmp/kat_bench_sft_toolcalls", "Run directory.")
+  flags.DEFINE_integer("steps", 300, "SFT steps.")
+  flags.DEFINE_integer("batch_size", 4, "Rows per step.")
+  flags.DEFINE_integer("seq_len", 1024, "Tokens per row.")
+  flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate.")
+  flags.DEFINE_integer("tasks", 16, "Held-out procedural tasks sampled.")
+  flags.DEFINE_integer("max_turns", 2, "Assistant turns per episode.")
+  flags.DEFINE_integer("max_new_tokens", 192, "Tokens sampled per turn.")
+  flags.DEFINE_string("init_from", "", "Starting checkpoint ('' = from scratch).")
+  flags.DEFINE_integer("code_episodes", 240, "Code teacher episodes.")
+  flags.DEFINE_integer("repo_episodes", 30, "Repository teacher episodes.")
+  flags.DEFINE_integer("math_episodes", 30, "Math teacher episodes.")
+  flags.DEFINE_integer("instructions", 200, "Instruction-following examples.")
+  flags.DEFINE_bool("measure_only", False,
+                    "Sample the run trained in --workdir again (no data, no training).")
 
 
 def classify_turns(trajectory, tokenizer, tools) -> list[dict]:
@@ -195,14 +201,15 @@ def run(workdir: str, *, steps: int, batch_size: int, seq_len: int, learning_rat
 
 def main(argv):
   del argv
-  summary = run(_WORKDIR.value, steps=_STEPS.value, batch_size=_BATCH.value,
-                seq_len=_SEQ_LEN.value, learning_rate=_LR.value, num_tasks=_TASKS.value,
-                max_turns=_TURNS.value, max_new_tokens=_NEW_TOKENS.value,
-                init_from=_INIT_FROM.value, measure_only=_MEASURE_ONLY.value,
-                data=dict(code_episodes=_CODE_EPISODES.value, repo_episodes=_REPO_EPISODES.value,
-                          math_episodes=_MATH_EPISODES.value, instructions=_INSTRUCTIONS.value))
+  summary = run(FLAGS.workdir, steps=FLAGS.steps, batch_size=FLAGS.batch_size,
+                seq_len=FLAGS.seq_len, learning_rate=FLAGS.learning_rate, num_tasks=FLAGS.tasks,
+                max_turns=FLAGS.max_turns, max_new_tokens=FLAGS.max_new_tokens,
+                init_from=FLAGS.init_from, measure_only=FLAGS.measure_only,
+                data=dict(code_episodes=FLAGS.code_episodes, repo_episodes=FLAGS.repo_episodes,
+                          math_episodes=FLAGS.math_episodes, instructions=FLAGS.instructions))
   print(json.dumps(summary))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

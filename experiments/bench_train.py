@@ -11,13 +11,19 @@ import time
 
 from absl import app, flags
 
-_PRESETS = flags.DEFINE_multi_string("preset", ["tiny", "small"], "Model presets to measure.")
-_BATCH = flags.DEFINE_integer("batch_size", 4, "Sequences per step.")
-_SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
-_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per round.")
-_ROUNDS = flags.DEFINE_integer("rounds", 2, "Rounds of (matmul peak, steps); the best of each is kept.")
-_ATTN = flags.DEFINE_string("attention_impl", "xla", "config.model.attention_impl")
-_REMAT = flags.DEFINE_string("remat", "none", "config.model.remat")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line, defined only when run as a script: flags defined at import would clash
+  with those of the other experiments/ modules imported into the same process (the tests)."""
+  flags.DEFINE_multi_string("preset", ["tiny", "small"], "Model presets to measure.")
+  flags.DEFINE_integer("batch_size", 4, "Sequences per step.")
+  flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
+  flags.DEFINE_integer("steps", 3, "Timed steps per round.")
+  flags.DEFINE_integer("rounds", 2, "Rounds of (matmul peak, steps); the best of each is kept.")
+  flags.DEFINE_string("attention_impl", "xla", "config.model.attention_impl")
+  flags.DEFINE_string("remat", "none", "config.model.remat")
 
 
 def measure(preset: str, *, batch_size: int, seq_len: int, steps: int = 3, rounds: int = 2,
@@ -73,11 +79,12 @@ def measure(preset: str, *, batch_size: int, seq_len: int, steps: int = 3, round
 
 def main(argv):
   del argv
-  for preset in _PRESETS.value:
-    print(json.dumps(measure(preset, batch_size=_BATCH.value, seq_len=_SEQ.value,
-                             steps=_STEPS.value, rounds=_ROUNDS.value,
-                             attention_impl=_ATTN.value, remat=_REMAT.value)), flush=True)
+  for preset in FLAGS.preset:
+    print(json.dumps(measure(preset, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
+                             steps=FLAGS.steps, rounds=FLAGS.rounds,
+                             attention_impl=FLAGS.attention_impl, remat=FLAGS.remat)), flush=True)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -30,17 +30,22 @@ import numpy as np
 from absl import app, flags
 from configs.base import train_config
 
-_PRESET = flags.DEFINE_string("preset", "small", "Model preset.")
-_ATTN = flags.DEFINE_string("attention_impl", "blocksparse", "config.model.attention_impl")
-_REPEATS = flags.DEFINE_integer("repeats", 5,
-                                "Rounds of the two winners, alternating (fastest kept).")
-_SWEEP_ROUNDS = flags.DEFINE_integer("sweep_rounds", 2, "Round-robin rounds of the variant sweep.")
-_CASES = flags.DEFINE_string("cases", "0.5,0.75,0.875", "Comma-separated POR targets.")
-_FLAT_ROWS = flags.DEFINE_string(
-    "flat_rows", "1,2,4,8", "Flat micro-batch sizes (rows) to try; the fastest is the baseline.")
-_TOKEN_CHUNKS = flags.DEFINE_string(
-    "token_chunks", "0,256,384",
-    "config.model.token_chunk values to try (both sides keep their fastest); 0 = no slicing.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line, defined only when run as a script: flags defined at import would clash
+  with those of the other experiments/ modules imported into the same process (the tests)."""
+  flags.DEFINE_string("preset", "small", "Model preset.")
+  flags.DEFINE_string("attention_impl", "blocksparse", "config.model.attention_impl")
+  flags.DEFINE_integer("repeats", 5, "Rounds of the two winners, alternating (fastest kept).")
+  flags.DEFINE_integer("sweep_rounds", 2, "Round-robin rounds of the variant sweep.")
+  flags.DEFINE_string("cases", "0.5,0.75,0.875", "Comma-separated POR targets.")
+  flags.DEFINE_string(
+      "flat_rows", "1,2,4,8", "Flat micro-batch sizes (rows) to try; the fastest is the baseline.")
+  flags.DEFINE_string(
+      "token_chunks", "0,256,384",
+      "config.model.token_chunk values to try (both sides keep their fastest); 0 = no slicing.")
 
 # prompt tokens, first-level branches, first-turn tokens, second-level branches, second-turn tokens
 SHAPES = {
@@ -79,11 +84,11 @@ def main(argv):
 
   loss = losses.get_loss("tree")
   ctx_cfg = train_config(objective="nll")
-  chunk_values = sorted({int(c) for c in _TOKEN_CHUNKS.value.split(",")})
+  chunk_values = sorted({int(c) for c in FLAGS.token_chunks.split(",")})
   grad_fns, params = {}, None
   for chunk in chunk_values:
-    c = get_preset(_PRESET.value)
-    c.attention_impl = _ATTN.value
+    c = get_preset(FLAGS.preset)
+    c.attention_impl = FLAGS.attention_impl
     c.token_chunk = chunk
     cfg = ModelConfig.from_config(c)
     model = Transformer(cfg)
@@ -115,7 +120,7 @@ def main(argv):
     return time.perf_counter() - t0
 
   rng = np.random.default_rng(0)
-  for case in _CASES.value.split(","):
+  for case in FLAGS.cases.split(","):
     trajs = agentic_trajectories(rng, cfg.vocab_size, *SHAPES[case])
     fields = dict(weight=[np.ones(len(t), np.float32) for t in trajs])
     tree = build.build_tree(trajs, fields=fields)
@@ -124,7 +129,7 @@ def main(argv):
     tree_arrays, tree_visited = prepare([tree], tree.n_tree)
     flat_len = max(len(t) for t in trajs)  # no padding beyond the longest trajectory
     variants = {("tree", chunk): [tree_arrays] for chunk in chunk_values}
-    for rows in sorted({int(r) for r in _FLAT_ROWS.value.split(",")}):
+    for rows in sorted({int(r) for r in FLAGS.flat_rows.split(",")}):
       if rows > len(singles) or len(singles) % rows:
         continue
       chunks = [prepare(singles[i:i + rows], flat_len) for i in range(0, len(singles), rows)]
@@ -139,13 +144,13 @@ def main(argv):
     for key, batches in variants.items():
       run(key[-1], batches)  # compile + warm up
     sweep = {key: float("inf") for key in variants}
-    for _ in range(_SWEEP_ROUNDS.value):
+    for _ in range(FLAGS.sweep_rounds):
       for key, batches in variants.items():
         sweep[key] = min(sweep[key], timed(key, batches))
     flat_key = min((k for k in sweep if k[0] == "flat"), key=sweep.get)
     tree_key = min((k for k in sweep if k[0] == "tree"), key=sweep.get)
     flat_runs, tree_runs = [], []
-    for _ in range(_REPEATS.value):
+    for _ in range(FLAGS.repeats):
       flat_runs.append(timed(flat_key, variants[flat_key]))
       tree_runs.append(timed(tree_key, variants[tree_key]))
     flat_s, tree_s = min(flat_runs), min(tree_runs)
@@ -159,8 +164,8 @@ def main(argv):
         case=case, por=tree.por, bound=bound, flat_s=flat_s, tree_s=tree_s,
         speedup=flat_s / tree_s, efficiency=flat_s / tree_s / bound, work_bound=work_bound,
         median_speedup=median_speedup, median_efficiency=median_speedup / bound,
-        work_efficiency=flat_s / tree_s / work_bound, attention_impl=_ATTN.value,
-        preset=_PRESET.value, n_flat=tree.n_flat, n_tree=tree.n_tree,
+        work_efficiency=flat_s / tree_s / work_bound, attention_impl=FLAGS.attention_impl,
+        preset=FLAGS.preset, n_flat=tree.n_flat, n_tree=tree.n_tree,
         num_trajectories=len(trajs), flat_best_rows=flat_key[1], flat_best_token_chunk=flat_key[2],
         tree_best_token_chunk=tree_key[1],
         sweep_flat_s_by_rows_and_chunk={f"{k[1]}/{k[2]}": v for k, v in sweep.items()
@@ -171,4 +176,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

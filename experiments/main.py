@@ -18,11 +18,16 @@ from ml_collections import config_flags
 from kat_jax import config as config_lib
 from kat_jax import errors
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries, tokenizer.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
-flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line, defined only when run as a script: flags defined at import would clash
+  with those of the other experiments/ modules imported into the same process (the tests)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries, tokenizer.")
+  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def quiet_library_logs() -> None:
@@ -38,11 +43,11 @@ def main(argv):
   del argv
   quiet_library_logs()
   import jax
-  if _MULTIHOST.value:
+  if FLAGS.multihost:
     jax.distributed.initialize()
   from kat_jax.train import metrics, stages
   logging.info("devices: %s", jax.devices())
-  result = stages.run(_CONFIG.value, _WORKDIR.value)
+  result = stages.run(FLAGS.config, FLAGS.workdir)
   result.pop("state", None)
   result.pop("history", None)
   logging.info("done: %s", result)
@@ -50,4 +55,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(errors.run_main(main), flags_parser=config_lib.parse_flags)

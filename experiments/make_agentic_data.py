@@ -24,33 +24,39 @@ from ml_collections import config_flags
 from kat_jax.data import agentic
 from kat_jax.sandbox import SandboxPool
 
-_CONFIG = config_flags.DEFINE_config_dict("config", agentic.default_agentic_config(),
-                                          "Teacher-trajectory generation (agentic.py).")
-_OUT_DIR = flags.DEFINE_string("out_dir", agentic.DEFAULT_OUT_DIR, "Where the JSONL files go.")
-_SPLIT = flags.DEFINE_string("split", "", "Procedural split of the tasks ('' = config.split).")
-_WORKERS = flags.DEFINE_integer("workers", 2, "Sandbox pool workers.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS cache of the corpora ('' = default).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line, defined only when run as a script: flags defined at import would clash
+  with those of the other experiments/ modules imported into the same process (the tests)."""
+  config_flags.DEFINE_config_dict("config", agentic.default_agentic_config(),
+                                  "Teacher-trajectory generation (agentic.py).")
+  flags.DEFINE_string("out_dir", agentic.DEFAULT_OUT_DIR, "Where the JSONL files go.")
+  flags.DEFINE_string("split", "", "Procedural split of the tasks ('' = config.split).")
+  flags.DEFINE_integer("workers", 2, "Sandbox pool workers.")
+  flags.DEFINE_string("data_dir", "", "TFDS cache of the corpora ('' = default).")
 
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  if _SPLIT.value:
-    config.split = _SPLIT.value
+  config = FLAGS.config
+  if FLAGS.split:
+    config.split = FLAGS.split
   start = time.time()
-  with SandboxPool(num_workers=_WORKERS.value) as pool:
+  with SandboxPool(num_workers=FLAGS.workers) as pool:
     conversations, report = agentic.teacher_trajectories(config, pool)
   episodes_s = time.time() - start
   trajectories = agentic.write_jsonl(conversations, os.path.join(
-      _OUT_DIR.value, agentic.TRAJECTORIES_FILE.format(split=config.split)))
+      FLAGS.out_dir, agentic.TRAJECTORIES_FILE.format(split=config.split)))
   instructions = agentic.instruction_conversations(config)
   instructions_path = agentic.write_jsonl(instructions, os.path.join(
-      _OUT_DIR.value, agentic.INSTRUCTIONS_FILE.format(split=config.split)))
+      FLAGS.out_dir, agentic.INSTRUCTIONS_FILE.format(split=config.split)))
   categories = collections.Counter(c["category"] for conv in instructions
                                    for c in conv.meta["constraints"])
   built = {}
   for name, path in (("trajectories", trajectories), ("instructions", instructions_path)):
-    builder = agentic.dataset_builder([path], _DATA_DIR.value, name_prefix=name)
+    builder = agentic.dataset_builder([path], FLAGS.data_dir, name_prefix=name)
     built[name] = {split: len(builder.as_data_source(split=split))
                    for split in builder.info.splits}
   summary = {"split": config.split, "trajectories": trajectories, "kept": len(conversations),
@@ -58,10 +64,11 @@ def main(argv):
              "instructions": instructions_path, "instruction_examples": len(instructions),
              "instruction_categories": dict(sorted(categories.items())), "corpora": built,
              "seconds": round(time.time() - start, 1)}
-  with open(os.path.join(_OUT_DIR.value, f"report_{config.split}.json"), "w") as f:
+  with open(os.path.join(FLAGS.out_dir, f"report_{config.split}.json"), "w") as f:
     json.dump(summary, f, indent=2)
   print(json.dumps(summary))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
