@@ -3,6 +3,7 @@
   python -m experiments.eval --config=configs/midtrain_tiny.py --workdir=DIR \
       [--num_samples=10 --ks=1,10 --temperature=0.8 --max_new_tokens=256 --limit=20 \
        --suites=humaneval,procedural --step=N]
+  python -m experiments.eval ... --decode=beam --beam_width=4 [--length_penalty=1.0]
 
 Restores the latest checkpoint in DIR (``kat_jax.train.loop.load_state``, on the config's mesh)
 and the tokenizer saved beside it (``DIR/tokenizer``), then for each suite:
@@ -22,6 +23,13 @@ Each prompt gets ``--num_samples`` samples (temperature 0 = greedy when one samp
 in ``--ks`` that is <= num_samples. The table is printed and written with every sample's
 completion and verdict to ``DIR/eval/step_<N>.json``. A failed run ends with one last line
 ``error: <root cause>`` (``errors.run_main``).
+
+``--decode=beam`` replaces sampling by beam search (``kat_jax.sample.beam``: ``--beam_width``
+hypotheses per prompt, ranked by ``sum log p / length ** length_penalty``) and scores the top
+hypothesis of each prompt: one completion per prompt, so ``--num_samples`` must be 1 and pass@1 is
+the top beam's verdict. Beam search knows stop tokens only: a HumanEval beam runs past a stop
+string, and its text is cut after the first token completing one (finish reason "stop_string"),
+as the sampler cuts samples — the ranking itself saw the whole beam.
 """
 from __future__ import annotations
 
@@ -42,13 +50,70 @@ from kat_jax.eval.scoring import (HUMANEVAL_STOP_STRINGS, format_table, humaneva
                                   score_humaneval, score_procedural)
 
 SUITES = ("humaneval", "procedural")
+DECODES = ("sample", "beam")
+
+
+def _cut_at_stop_strings(tokens: Sequence[int], reason: str, stop_strings: Sequence[str],
+                         tokenizer) -> tuple[str, str, int]:
+  """(text, finish_reason, num_tokens) of ``tokens`` cut after the first token whose decoded
+  prefix contains a stop string (reason "stop_string"), as the sampler cuts its samples."""
+  text = tokenizer.decode(list(tokens))
+  if not any(s in text for s in stop_strings):
+    return text, reason, len(tokens)
+  for k in range(1, len(tokens) + 1):
+    prefix = tokenizer.decode(list(tokens[:k]))
+    if any(s in prefix for s in stop_strings):
+      same = k == len(tokens) and reason == "stop_token"   # the stop token completed it
+      return prefix, reason if same else "stop_string", k
+  return text, "stop_string", len(tokens)
+
+
+def beam_completions(sampler, prompts: Sequence[Sequence[int]], config, *, beam_width: int,
+                     length_penalty: float, batch_size: int,
+                     tokenizer) -> list[list[tuple[str, str, int]]]:
+  """The top beam of every prompt, shaped like ``sample_completions`` with one sample:
+  [prompt][0] -> (text, finish_reason, tokens). ``config`` (a ``SamplingConfig``) gives
+  ``max_new_tokens``, the stop tokens, ``vocab_limit`` and the stop strings (cut afterwards, see
+  the module docstring). A decode batch holds ``batch_size // beam_width`` prompts (at least
+  one), longest first."""
+  order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+  per_call = max(1, batch_size // beam_width)
+  out: list[list] = [None] * len(prompts)
+  for start in range(0, len(order), per_call):
+    chunk = order[start:start + per_call]
+    result = sampler.beam_search([prompts[i] for i in chunk], beam_width=beam_width,
+                                 max_new_tokens=config.max_new_tokens,
+                                 length_penalty=length_penalty,
+                                 stop_token_ids=config.stop_token_ids,
+                                 vocab_limit=config.vocab_limit)
+    for row, i in enumerate(chunk):
+      if result.num_beams[row] == 0:                  # no finite candidate at all
+        out[i] = [("", "inactive", 0)]
+        continue
+      tokens = result.tokens[row, 0, :result.lengths[row, 0]].tolist()
+      out[i] = [_cut_at_stop_strings(tokens, result.finish_reason[row][0], config.stop_strings,
+                                     tokenizer)]
+  return out
+
+
+def generate_completions(sampler, prompts: Sequence[Sequence[int]], config, *, decode: str,
+                         num_samples: int, rng, batch_size: int, tokenizer, beam_width: int = 4,
+                         length_penalty: float = 1.0) -> list[list[tuple[str, str, int]]]:
+  """[prompt][sample] -> (text, finish_reason, tokens): ``num_samples`` samples per prompt
+  (``decode="sample"``), or the top beam of each (``decode="beam"``, one per prompt)."""
+  if decode == "beam":
+    return beam_completions(sampler, prompts, config, beam_width=beam_width,
+                            length_penalty=length_penalty, batch_size=batch_size,
+                            tokenizer=tokenizer)
+  return sample_completions(sampler, prompts, num_samples, config, rng, batch_size, tokenizer)
 
 
 def run_eval(config, workdir: str, *, suites: Sequence[str] = SUITES, num_samples: int = 1,
              ks: Sequence[int] = (1,), temperature: Optional[float] = None, top_p: float = 1.0,
              top_k: int = 0, max_new_tokens: int = 256, limit: int = 0, batch_size: int = 16,
              seed: int = 0, step: Optional[int] = None, procedural_tasks: int = 100,
-             sandbox_workers: Optional[int] = None) -> dict:
+             sandbox_workers: Optional[int] = None, decode: str = "sample", beam_width: int = 4,
+             length_penalty: float = 1.0) -> dict:
   """Samples and scores every suite; returns the JSON-ready report (also written to DIR/eval/)."""
   import jax
   from kat_jax.data import chat, special_tokens, tokenizer as tokenizer_lib
@@ -64,6 +129,17 @@ def run_eval(config, workdir: str, *, suites: Sequence[str] = SUITES, num_sample
     raise ValueError(f"unknown suites {unknown}: choose among {list(SUITES)}")
   if num_samples < 1:
     raise ValueError(f"--num_samples={num_samples} must be >= 1")
+  if decode not in DECODES:
+    raise ValueError(f"--decode={decode!r}: choose among {list(DECODES)}")
+  if decode == "beam":
+    if num_samples != 1:
+      raise ValueError(f"--decode=beam scores one completion per prompt (the top beam), so "
+                       f"pass@k needs --num_samples=1, not {num_samples} (or use --decode=sample)")
+    if beam_width < 1:
+      raise ValueError(f"--beam_width={beam_width} must be >= 1")
+    if temperature not in (None, 0.0) or top_p != 1.0 or top_k != 0:
+      raise ValueError("--decode=beam ranks by the model's own log-probs: --temperature, --top_p "
+                       "and --top_k do not apply; drop them (or use --decode=sample)")
   too_big = [k for k in ks if k > num_samples]
   if too_big:
     raise ValueError(f"--ks={list(ks)} asks pass@k with k > num_samples={num_samples}: "
@@ -111,9 +187,11 @@ def run_eval(config, workdir: str, *, suites: Sequence[str] = SUITES, num_sample
   try:
     for index, (suite, (ids, suite_prompts)) in enumerate(prompts.items()):
       start = time.perf_counter()
-      samples = sample_completions(sampler, suite_prompts, num_samples, sampling[suite],
-                                   jax.random.fold_in(rng, index), batch_size, tokenizer)
-      logging.info("%s: sampled %d x %d in %.1fs", suite, len(ids), num_samples,
+      samples = generate_completions(
+          sampler, suite_prompts, sampling[suite], decode=decode, num_samples=num_samples,
+          rng=jax.random.fold_in(rng, index), batch_size=batch_size, tokenizer=tokenizer,
+          beam_width=beam_width, length_penalty=length_penalty)
+      logging.info("%s: %s %d x %d in %.1fs", suite, decode, len(ids), num_samples,
                    time.perf_counter() - start)
       extras = {i: [{"finish_reason": f, "num_tokens": n} for _, f, n in s]
                 for i, s in zip(ids, samples)}
@@ -130,7 +208,9 @@ def run_eval(config, workdir: str, *, suites: Sequence[str] = SUITES, num_sample
       "step": int(restored_step), "workdir": os.path.abspath(workdir),
       "sampling": {"num_samples": num_samples, "ks": list(ks), "temperature": temperature,
                    "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
-                   "limit": limit, "seed": seed},
+                   "limit": limit, "seed": seed, "decode": decode,
+                   **({"beam_width": beam_width, "length_penalty": length_penalty}
+                      if decode == "beam" else {})},
       "table": format_table(results, ks),
       "suites": {r.suite: r.to_dict() for r in results},
   }
@@ -173,6 +253,13 @@ def _define_flags() -> dict:
       "step": flags.DEFINE_integer("step", None, "Checkpoint step (default: latest)."),
       "sandbox_workers": flags.DEFINE_integer("sandbox_workers", None,
                                               "Sandbox processes (default: CPU count)."),
+      "decode": flags.DEFINE_enum("decode", "sample", list(DECODES),
+                                  "sample: --num_samples samples per prompt; beam: beam search, "
+                                  "pass@1 of the top beam (needs --num_samples=1)."),
+      "beam_width": flags.DEFINE_integer("beam_width", 4, "Beams per prompt (--decode=beam)."),
+      "length_penalty": flags.DEFINE_float(
+          "length_penalty", 1.0, "Beam score = sum log p / length ** length_penalty "
+          "(--decode=beam; 0: plain sum)."),
   }
 
 

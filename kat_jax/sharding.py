@@ -118,6 +118,16 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, spec)
 
 
+def batch_shards(mesh: Mesh, rules: Rules) -> int:
+  """How many ways ``batch_sharding`` splits the batch axis (a batch's rows must divide by it)."""
+  axes = batch_sharding(mesh, rules).spec
+  axes = axes[0] if len(axes) else None
+  if axes is None:
+    return 1
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

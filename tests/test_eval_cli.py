@@ -137,3 +137,57 @@ def test_eval_cli_end_to_end_on_a_tiny_checkpoint(tmp_path):
     assert f"{suite['pass_at_k']['pass@1']:.4f}" in line
   he_ids = [t["task_id"] for t in report["suites"]["humaneval"]["tasks"]]
   assert he_ids == ["HumanEval/0", "HumanEval/1"]
+
+
+class _LetterTokenizer:
+  """Token i decodes to one letter (i mod 26): stop strings span several tokens."""
+
+  def decode(self, ids):
+    return "".join(chr(ord("a") + int(i) % 26) for i in ids)
+
+
+def test_eval_beam_decode_scores_the_top_beam_of_each_prompt():
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from experiments import eval as eval_cli
+  from kat_jax.model import ModelConfig, Transformer, get_preset, intervals_from_segment_ids
+  from kat_jax.sample import Sampler, SamplingConfig
+
+  c = get_preset("tiny")
+  c.update(vocab_size=16, d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
+           mlp_dim=64)
+  model = Transformer(ModelConfig.from_config(c))
+  t = jnp.zeros((1, 4), jnp.int32)
+  abstract = nn.unbox(jax.eval_shape(lambda: model.init(
+      jax.random.key(0), t, t, intervals_from_segment_ids(jnp.ones((1, 4), jnp.int32)))["params"]))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: jnp.asarray(2 * rng.normal(size=a.shape) * a.shape[0] ** -0.5
+                                              if a.ndim > 1 else np.ones(a.shape), a.dtype),
+                        abstract)
+  sampler = Sampler(model, params, max_len=24, prefill_bucket=8, output_bucket=8)
+  tok = _LetterTokenizer()
+  prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
+  config = SamplingConfig(temperature=0.0, max_new_tokens=6, stop_token_ids=(0,))
+  beams = sampler.beam_search(prompts, beam_width=3, max_new_tokens=6, stop_token_ids=(0,))
+  # 4 rows per decode batch: one prompt of 3 beams per call.
+  out = eval_cli.generate_completions(sampler, prompts, config, decode="beam", num_samples=1,
+                                      rng=None, batch_size=4, tokenizer=tok, beam_width=3)
+  assert out == [[(tok.decode(b), r[0], len(b))] for b, r in zip(beams.best(),
+                                                                  beams.finish_reason)]
+  # A stop string cuts the top beam after the token completing it, as the sampler would.
+  best = beams.best()[2]
+  stop = tok.decode(best[1:3])
+  cut = eval_cli.generate_completions(
+      sampler, prompts[2:], SamplingConfig(temperature=0.0, max_new_tokens=6,
+                                           stop_token_ids=(0,), stop_strings=(stop,)),
+      decode="beam", num_samples=1, rng=None, batch_size=16, tokenizer=tok, beam_width=3)
+  k = min(j for j in range(1, len(best) + 1) if stop in tok.decode(best[:j]))
+  assert cut == [[(tok.decode(best[:k]), "stop_string", k)]] and k <= 3
+  # Beam decoding needs one completion per prompt and no sampling knobs.
+  with pytest.raises(ValueError, match="needs --num_samples=1, not 2"):
+    eval_cli.run_eval(None, "/nonexistent", decode="beam", num_samples=2, ks=(1,))
+  with pytest.raises(ValueError, match="--temperature, --top_p"):
+    eval_cli.run_eval(None, "/nonexistent", decode="beam", temperature=0.7)
+  with pytest.raises(ValueError, match="--decode='greedy'"):
+    eval_cli.run_eval(None, "/nonexistent", decode="greedy")

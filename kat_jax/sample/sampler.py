@@ -49,6 +49,9 @@ power of two >= ``extend_bucket`` tokens, so observation lengths within a bucket
 program. Turn 0 of an episode draws exactly as ``generate`` with the same ``rng``; turn t >= 1
 uses keys of ``decode.turn_keys``.
 
+**Beam search** (``Sampler.beam_search``, ``kat_jax.sample.beam``) reuses the prefill and
+prompt buckets: each prompt is prefilled once and its cache copied into its beams' rows.
+
 **Log-probs.** ``logprobs`` / ``entropies`` are those of the sampling distribution ``pi``
 (temperature, top-k, top-p); ``logprobs_policy`` / ``entropies_policy`` those of the model's own
 distribution at temperature 1 over the whole vocabulary — the PPO ``old_logp`` of the behaviour
@@ -66,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kat_jax import sharding as sharding_lib
+from kat_jax.sample import beam as beam_lib
 from kat_jax.sample import decode
 from kat_jax.sample.distribution import SamplingConfig
 
@@ -134,15 +138,6 @@ def _first_stop_index(tokens: np.ndarray, start: int, end: int, stop_strings: Se
   return end  # contained only once later bytes completed a character: cut at the end
 
 
-def _batch_shards(mesh, rules) -> int:
-  spec = sharding_lib.batch_sharding(mesh, rules).spec
-  axes = spec[0] if len(spec) else None
-  if axes is None:
-    return 1
-  axes = axes if isinstance(axes, tuple) else (axes,)
-  return int(np.prod([mesh.shape[a] for a in axes]))
-
-
 class Sampler:
   """Holds a model, its params and the compiled prefill/decode programs (see the module docstring).
 
@@ -181,6 +176,9 @@ class Sampler:
     self._truncate = jax.jit(functools.partial(decode.truncate_turn, model),
                              static_argnames=("max_len",), donate_argnames=("state",))
     self._gather = jax.jit(functools.partial(decode.gather_rows, model))
+    self._beam = jax.jit(functools.partial(beam_lib.beam_search_state, model),
+                         static_argnames=("beam_width", "max_new_tokens", "max_len",
+                                          "vocab_limit"))
 
   def _put(self, x: np.ndarray) -> jax.Array:
     if self.mesh is None:
@@ -188,7 +186,7 @@ class Sampler:
     return jax.device_put(x, sharding_lib.batch_sharding(self.mesh, self.rules, x.ndim))
 
   def _padded(self, batch: int) -> int:
-    shards = 1 if self.mesh is None else _batch_shards(self.mesh, self.rules)
+    shards = 1 if self.mesh is None else sharding_lib.batch_shards(self.mesh, self.rules)
     return math.ceil(batch / shards) * shards
 
   def _row_keys(self, rng: jax.Array, batch: int, padded: int) -> jax.Array:
@@ -257,6 +255,12 @@ class Sampler:
     state = self.start(prompts, rng, config)
     _, out, _ = self._decode_turn(state, len(prompts), config, tokenizer)
     return out
+
+  def beam_search(self, prompts: Sequence[Sequence[int]], **options) -> beam_lib.BeamOutput:
+    """The ``beam_width`` best continuations of every prompt: ``beam.beam_search(self, prompts,
+    beam_width=..., max_new_tokens=..., length_penalty=1.0, stop_token_ids=(),
+    early_stopping=True, vocab_limit=0, tokenizer=None)`` (see ``kat_jax.sample.beam``)."""
+    return beam_lib.beam_search(self, prompts, **options)
 
   def _decode_turn(self, state: decode.DecodeState, batch: int, config: SamplingConfig,
                    tokenizer) -> tuple[decode.DecodeState, SampleOutput, dict]:
