@@ -21,7 +21,7 @@ from kat_jax.train import losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = ("configs/midtrain_tiny.py", "configs/sft_tiny_tree.py", "configs/synthetic_tiny.py",
-               "configs/sft_tiny.py", "configs/rl_tiny.py")
+               "configs/sft_tiny.py", "configs/rl_tiny.py", "configs/rft_tiny.py")
 
 
 def _parse(config_file: str, *overrides: str) -> ml_collections.ConfigDict:

@@ -17,6 +17,7 @@ from kat_jax.tree.prune import default_prune_config
 
 
 def rl_defaults() -> ml_collections.ConfigDict:
+  from kat_jax.rl.rft import default_rft_config
   from kat_jax.rl.rollout import default_rollout_config
   c = ml_collections.ConfigDict()
   c.env_name = "code_single"       # registered environment (kat_jax.rl.envs.names())
@@ -61,6 +62,7 @@ def rl_defaults() -> ml_collections.ConfigDict:
   c.executor = "inprocess"         # environments + sandbox graders: 'inprocess' or 'ray' (actors)
   c.ray = default_ray_config()     # the Ray executor (kat_jax.rl.executor)
   c.placement = default_placement_config()   # roles -> device groups / host, by tag
+  c.rft = default_rft_config()     # the RFT stage (kat_jax.rl.rft): teachers, monitor, reward
   c.checkpoint_every = 5           # iterations between checkpoints (the last is always saved)
   c.eval_every = 10                # iterations between held-out evaluations (0 = never)
   c.eval_tasks = 32                # held-out procedural tasks per evaluation (greedy, pass@1)

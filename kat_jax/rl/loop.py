@@ -176,6 +176,8 @@ class RLStage:
     if "normalizer" in extra:
       self.normalizer.load_state_dict(extra["normalizer"])
     self.env_clock = [0.0]
+    # Trajectories per group at most (the tree batch's max_traj); RFT's branches raise it.
+    self.max_group = config.rl.group_size
 
   # --------------------------------------------------------------------------------- pieces
 
@@ -183,19 +185,27 @@ class RLStage:
     return {"iteration": self.iteration, "level_index": self.level_index,
             "pass_rate_ema": self.pass_rate_ema, "normalizer": self.normalizer.state_dict()}
 
-  def rollouts(self, tasks, rng, rollout_cfg=None, group_size: Optional[int] = None):
-    """``group_size`` rollouts of every task with the current params: list of groups (with
-    ``rollout.fork_turns`` > 0, tree rollouts: continuations forked from shared turns)."""
-    g = self.config.rl.group_size if group_size is None else group_size
+  def make_env(self) -> env_base.Environment:
+    """A fresh environment of the stage (its reset / step time counted as env time)."""
     rl = self.config.rl
+    return _TimedEnv(envs_lib.make(rl.env_name, rl.env, pool=self.pool), self.env_clock)
+
+  def rollouts(self, tasks, rng, rollout_cfg=None, group_size: Optional[int] = None,
+               monitor=None):
+    """``group_size`` rollouts of every task with the current params: list of groups (with
+    ``rollout.fork_turns`` > 0, tree rollouts: continuations forked from shared turns; with a
+    ``monitor``, watched rollouts and their spliced branches)."""
+    g = self.config.rl.group_size if group_size is None else group_size
     self.sampler.params = self.trainer.params
-    make_env = lambda: _TimedEnv(envs_lib.make(rl.env_name, rl.env, pool=self.pool),
-                                 self.env_clock)
-    groups = rollout_lib.rollout_groups(self.sampler, make_env, tasks, g, rng,
-                                        rollout_cfg or rl.rollout, self.tokenizer,
-                                        policy_version=self.iteration)
+    groups = rollout_lib.rollout_groups(self.sampler, self.make_env, tasks, g, rng,
+                                        rollout_cfg or self.config.rl.rollout, self.tokenizer,
+                                        policy_version=self.iteration, monitor=monitor)
     self.last_rollout_stats = rollout_lib.rollout_stats(groups)
     return groups
+
+  def training_rollouts(self, tasks, rng):
+    """The groups an iteration trains on (RFT overrides this: watched, rescored rollouts)."""
+    return self.rollouts(tasks, rng)
 
   def collect(self) -> tuple[list, dict]:
     """The iteration's groups: one rollout round, or with DAPO dynamic sampling more rounds until
@@ -208,7 +218,7 @@ class RLStage:
     while len(kept) < want and rounds < (cfg.filter.max_sampling_rounds
                                          if cfg.filter.dynamic_sampling else 1):
       tasks = draw_tasks(self.config, level, self.iteration, rounds, want)
-      for group in self.rollouts(tasks, jax.random.fold_in(rng, rounds)):
+      for group in self.training_rollouts(tasks, jax.random.fold_in(rng, rounds)):
         rewards = [t.reward for t in group]
         if cfg.filter.dynamic_sampling and max(rewards) == min(rewards):
           dropped.append(group)
@@ -221,11 +231,17 @@ class RLStage:
                     "padded_groups": sum(not k for _, k in groups)}
 
   def rewards_of(self, groups) -> np.ndarray:
-    """[num groups, G] float64 rewards: reward terms + overlong penalty, normalized by config."""
-    r = np.array([[t.reward + _overlong_penalty(t, self.config.rl) for t in g] for g, _ in groups],
-                 np.float64)
+    """[num groups, max group size] float64 rewards: reward terms + overlong penalty, normalized
+    by config (over the trajectories only; a shorter group's missing entries are 0)."""
+    real = np.array([t.reward + _overlong_penalty(t, self.config.rl) for g, _ in groups for t in g],
+                    np.float64)
     if self.config.rl.rollout.reward.normalize.mode != "none":
-      r = np.asarray(self.normalizer(r.ravel()), np.float64).reshape(r.shape)
+      real = np.asarray(self.normalizer(real), np.float64)
+    r = np.zeros((len(groups), max(len(g) for g, _ in groups)), np.float64)
+    start = 0
+    for gi, (group, _) in enumerate(groups):
+      r[gi, :len(group)] = real[start:start + len(group)]
+      start += len(group)
     return r
 
   def build_batch(self, groups, rewards: np.ndarray) -> tuple[dict, dict]:
@@ -262,7 +278,7 @@ class RLStage:
         row_rewards.append([rewards[gi, k] for k in ks])
         row_groups.append(gi)
         row_traj.append([group[k] for k in ks])
-    k_max = cfg.group_size if cfg.tree_mode else 1
+    k_max = self.max_group if cfg.tree_mode else 1
     limit = tree_cfg.max_tokens if cfg.tree_mode else tree_cfg.max_len
     batch = batch_to_arrays(tree_batch.batch_trees(
         trees, max_tokens=token_bucket(max(t.n_tree for t in trees), limit),
@@ -455,11 +471,13 @@ class RLStage:
         "pass_rate": float(np.mean([t.grade is not None and t.grade.passed for t in trajs])),
         "turns": float(np.mean([t.num_turns for t in trajs])),
         "sampled_tokens": float(np.mean([t.sampled.sum() for t in trajs])),
+        "rollout_tokens": float(sum(t.sampled.sum() for t in trajs)),   # the iteration's budget
         "por": info["por"], "level": self.levels[self.level_index],
     }
     m.update({f"prune/{k}": v for k, v in info.get("prune", {}).items()})
-    m.update({f"rollout/{k}": float(v) for k, v in getattr(self, "last_rollout_stats", {}).items()
-              if isinstance(v, (int, float))})   # realized POR, forks (tree rollouts)
+    m.update({k if "/" in k else f"rollout/{k}": float(v)   # realized POR, forks; rft/...
+              for k, v in getattr(self, "last_rollout_stats", {}).items()
+              if isinstance(v, (int, float))})
     for key in trajs[0].reward_terms:
       m[f"reward/{key}"] = float(np.mean([t.reward_terms[key] for t in trajs]))
     for status, n in collections.Counter(t.status for t in trajs).items():
@@ -487,27 +505,31 @@ class RLStage:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
-          max_iterations: Optional[int] = None, tokenizer=None) -> dict[str, Any]:
+          max_iterations: Optional[int] = None, tokenizer=None,
+          stage_cls: type = RLStage) -> dict[str, Any]:
   """Runs the RL stage in ``workdir`` (resuming from its checkpoint); returns the final metrics.
-  ``tokenizer`` overrides ``load_tokenizer`` (tests)."""
-  # -- trajectory manager (kat_jax.rl.manager): async rollout when config.rl.manager asks -------
+  ``tokenizer`` overrides ``load_tokenizer`` (tests); ``stage_cls`` is the stage class (the RFT
+  stage runs this same loop with ``rft_loop.RFTStage``). When ``config.rl.manager`` asks for it,
+  the iterations come from the trajectory manager (``manager.AsyncRL``: rollout decoupled from
+  training) instead of ``stage.iterate``, and its run-level figures are added as ``manager_*``;
+  in-flight rollouts are not checkpointed (a resumed run admits its groups again)."""
   from kat_jax.rl import manager as manager_lib
-  if manager_lib.enabled(config):
-    return manager_lib.train(config, workdir, max_iterations)
-  # ---------------------------------------------------------------------------------------------
   start_time = time.perf_counter()
-  stage = RLStage(config, workdir, tokenizer=tokenizer)
+  stage = stage_cls(config, workdir, tokenizer=tokenizer)
   cfg = config.rl
   total = cfg.iterations if max_iterations is None else min(cfg.iterations, max_iterations)
   result: dict[str, Any] = {"start_iteration": stage.iteration, "start_step": stage.iteration}
   history = []
+  driver = None
   try:
     if cfg.eval_every and stage.iteration == 0:
       ev = stage.evaluate()
       stage.trainer.writer.write(0, ev, prefix="eval")
       result["eval_start_pass_at_1"] = ev["pass_at_1"]
+    if manager_lib.enabled(config):
+      driver = manager_lib.AsyncRL(stage, end_iteration=total)
     while stage.iteration < total:
-      metrics = stage.iterate()
+      metrics = driver.iterate() if driver is not None else stage.iterate()
       it = stage.iteration
       history.append(metrics)
       stage.trainer.writer.write(it, {k: v for k, v in metrics.items()
@@ -518,16 +540,27 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         result.update({f"eval_{k}": v for k, v in ev.items()})
       if it % cfg.checkpoint_every == 0 or it == total:
         stage.trainer.save(stage.extra_state(), force=True)
+    if driver is not None:
+      summary = driver.summary()
+      stage.trainer.writer.write(stage.iteration, {k: v for k, v in summary.items()
+                                                   if isinstance(v, (int, float))},
+                                 prefix="manager")
+      result.update({f"manager_{k}": v for k, v in summary.items()})
     result.update(step=stage.trainer.step_count, iteration=stage.iteration)
     if history:
       result.update({f"train_{k}": v for k, v in history[-1].items()
                      if isinstance(v, (int, float))})
   finally:
-    stage.close()
+    try:
+      if driver is not None:
+        driver.close()
+    finally:
+      stage.close()
   result.update(state=stage.trainer.state, history=history, loop_state=stage.extra_state(),
                 wall_time_s=time.perf_counter() - start_time,
                 checkpoint_dir=stage.trainer.checkpointer.directory,
                 tensorboard_dir=workdir_lib.tensorboard_dir(workdir))
-  metrics_lib.console(f"RL: {len(history)} iterations, reward "
+  how = f" (trajectory manager, eta={cfg.manager.eta})" if driver is not None else ""
+  metrics_lib.console(f"{config.stage.upper()}{how}: {len(history)} iterations, reward "
                       f"{history[-1]['reward'] if history else float('nan'):.3f}")
   return result

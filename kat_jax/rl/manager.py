@@ -7,9 +7,8 @@ staleness bound, so rollout runs concurrently with training (SeamlessFlow's traj
     run.summary()                         # trainer / rollout idle fractions, staleness histogram
     run.close()
 
-or, as the RL stage's driver, ``manager.train(config, workdir)`` (``kat_jax.rl.loop.train``
-calls it when ``enabled(config)``: ``config.rl.manager.enabled``, ``eta > 0`` or the Ray
-executor).
+or as the RL stage's driver: ``kat_jax.rl.loop.train`` iterates through ``AsyncRL`` when
+``enabled(config)`` (``config.rl.manager.enabled``, ``eta > 0`` or the Ray executor).
 
 **Units.** B = ``config.rl.tasks_per_iteration`` groups (a group: one task rolled out
 ``group_size`` times, one trajectory tree); the policy version v = updates done (= the stage's
@@ -477,56 +476,10 @@ class AsyncRL:
 
 
 def train(config, workdir: str, max_iterations: Optional[int] = None) -> dict[str, Any]:
-  """The RL stage through the manager: ``loop.train``'s contract (checkpoints with the loop
-  state, evaluations, metrics) plus the manager's run-level figures under ``manager_*``. In-flight
-  rollouts are not checkpointed: a resumed run admits its groups again from the saved iteration."""
-  from kat_jax import workdir as workdir_lib
+  """The RL stage through the manager: ``loop.train``, which drives ``AsyncRL`` whenever
+  ``enabled(config)`` (kept as the manager's entry point)."""
   from kat_jax.rl import loop as loop_lib
-  from kat_jax.train import metrics as metrics_lib
-  start_time = time.perf_counter()
-  stage = loop_lib.RLStage(config, workdir)
-  cfg = config.rl
-  total = cfg.iterations if max_iterations is None else min(cfg.iterations, max_iterations)
-  result: dict[str, Any] = {"start_iteration": stage.iteration, "start_step": stage.iteration}
-  history = []
-  run = None
-  try:
-    if cfg.eval_every and stage.iteration == 0:
-      ev = stage.evaluate()
-      stage.trainer.writer.write(0, ev, prefix="eval")
-      result["eval_start_pass_at_1"] = ev["pass_at_1"]
-    run = AsyncRL(stage, end_iteration=total)
-    while stage.iteration < total:
-      metrics = run.iterate()
-      it = stage.iteration
-      history.append(metrics)
-      stage.trainer.writer.write(it, {k: v for k, v in metrics.items()
-                                      if isinstance(v, (int, float))}, prefix="rl")
-      if cfg.eval_every and (it % cfg.eval_every == 0 or it == total):
-        ev = stage.evaluate()
-        stage.trainer.writer.write(it, ev, prefix="eval")
-        result.update({f"eval_{k}": v for k, v in ev.items()})
-      if it % cfg.checkpoint_every == 0 or it == total:
-        stage.trainer.save(stage.extra_state(), force=True)
-    summary = run.summary()
-    stage.trainer.writer.write(stage.iteration, {k: v for k, v in summary.items()
-                                                 if isinstance(v, (int, float))},
-                               prefix="manager")
-    result.update({f"manager_{k}": v for k, v in summary.items()})
-    result.update(step=stage.trainer.step_count, iteration=stage.iteration)
-    if history:
-      result.update({f"train_{k}": v for k, v in history[-1].items()
-                     if isinstance(v, (int, float))})
-  finally:
-    try:
-      if run is not None:
-        run.close()
-    finally:
-      stage.close()
-  result.update(state=stage.trainer.state, history=history,
-                wall_time_s=time.perf_counter() - start_time,
-                checkpoint_dir=stage.trainer.checkpointer.directory,
-                tensorboard_dir=workdir_lib.tensorboard_dir(workdir))
-  metrics_lib.console(f"RL (trajectory manager, eta={cfg.manager.eta}): {len(history)} "
-                      f"iterations, reward {history[-1]['reward'] if history else float('nan'):.3f}")
-  return result
+  if not enabled(config):
+    raise ValueError("manager.train: config.rl.manager does not enable the manager (set "
+                     "manager.enabled=True, manager.eta > 0 or executor='ray')")
+  return loop_lib.train(config, workdir, max_iterations)

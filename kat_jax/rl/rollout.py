@@ -53,11 +53,12 @@ checked; counts are exact whatever ends early (``_Tree`` has the scheme).
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
 import traceback
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import ml_collections
@@ -370,6 +371,8 @@ class _Row:
   opening: Optional[base.Observation] = None    # what reset returned (replayed by tree forks)
   actions: list = dataclasses.field(default_factory=list)   # the texts stepped, in order
   results: list = dataclasses.field(default_factory=list)   # their StepResults (None: raised)
+  notes: dict = dataclasses.field(default_factory=dict)     # into info: deviation, splices
+  source: Optional[int] = None  # a spliced branch: the index of the row it branched from
 
   def end(self, status: str) -> None:
     self.status = status
@@ -421,14 +424,24 @@ def _open(row: _Row, task: Any, tokenizer, max_context: int) -> Optional[np.ndar
 
 def rollout(sampler, envs_list: Sequence[base.Environment], tasks: Sequence[Any], rng, cfg,
             tokenizer, *, policy_version: int = 0,
-            task_ids: Optional[Sequence[str]] = None) -> list[Trajectory]:
+            task_ids: Optional[Sequence[str]] = None, monitor=None,
+            make_env=None) -> list[Trajectory]:
   """Runs one episode per task (row i: ``envs_list[i]`` on ``tasks[i]``), every turn one batched
   ``generate_turn``; returns the trajectories in task order (see the module docstring).
 
   ``sampler`` is a ``sample.Sampler`` (or anything with its episode API and ``max_len``); ``rng``
   the key of ``start_episode``; ``cfg`` a ``default_rollout_config()``; ``task_ids`` override
   ``task_id_of``. The environments are reset here and not closed (the caller owns them). Bad
-  arguments and config raise at once; nothing an environment or the model does raises."""
+  arguments and config raise at once; nothing an environment or the model does raises.
+
+  ``monitor`` (optional) watches the episodes at turn boundaries (see ``Monitor``): a row it
+  stops ends with status ``deviated`` right after its turn (the observation is not appended);
+  a stop that names a ``splice`` message also makes a *spliced branch*: the row's history before
+  that turn, the splice in place of the sampled turn (not trainable: ``sampled`` False), the
+  environment's answer to it (a fresh ``make_env()`` replayed to that point) and the policy's
+  turns after it. Branches are returned after the task-order trajectories, in the order they
+  were made, with ``info["branch_of"]`` (the row) and ``info["spliced_turn"]``; they share their
+  source's tokens up to the splice, so the two form one tree with a shared prefix."""
   if len(envs_list) != len(tasks):
     raise ValueError(f"rollout got {len(envs_list)} environments for {len(tasks)} tasks: pass "
                      f"one environment per task (row)")
@@ -445,18 +458,42 @@ def rollout(sampler, envs_list: Sequence[base.Environment], tasks: Sequence[Any]
   rows = [_Row(env, task_id) for env, task_id in zip(envs_list, ids)]
   prompts = {i: _open(row, task, tokenizer, max_context)
              for i, (row, task) in enumerate(zip(rows, tasks))}
-  batch = [i for i in range(len(rows)) if rows[i].running]     # sampler row j is rows[batch[j]]
-  contexts = {}
-  if batch:
-    episode = sampler.start_episode([prompts[i] for i in batch], rng)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=int(cfg.env_threads)) as executor:
-      step_all = functools.partial(_step_all, executor if cfg.env_threads > 1 else None)
-      episode, batch = _run_turns(sampler, episode, batch, rows, step_all, cfg, tokenizer,
-                                  layout, sampling, max_context)
-    contexts = {i: episode.contexts[j] for j, i in enumerate(batch)}
+  if monitor is not None and make_env is None:
+    raise ValueError("rollout with a monitor needs make_env (spliced branches run on fresh "
+                     "environments replayed to the splice)")
+  contexts: dict = {}
+  with concurrent.futures.ThreadPoolExecutor(max_workers=int(cfg.env_threads)) as executor:
+    step_all = functools.partial(_step_all, executor if cfg.env_threads > 1 else None)
+    watch = None if monitor is None else _Watch(monitor, tasks)
+    run = functools.partial(_run_rows, sampler, rows, contexts, step_all=step_all, cfg=cfg,
+                            tokenizer=tokenizer, layout=layout, sampling=sampling,
+                            max_context=max_context, watch=watch)
+    run(prompts, rng, 0)
+    if watch is not None:    # spliced branches, batched by the turn they were spliced at
+      for turn, requests in sorted(watch.take_splices().items()):
+        branch_prompts = {}
+        for source, message in requests:
+          rows.append(_splice(rows[source], source, turn, message, make_env, tasks[source],
+                              tokenizer, layout, cfg, max_context, step_all))
+          if rows[-1].running:
+            branch_prompts[len(rows) - 1] = np.concatenate([s.tokens for s in rows[-1].segments])
+        run(branch_prompts, jax.random.fold_in(rng, _SPLICE_SALT + turn), turn + 1)
   zero_terms = _zero_terms(cfg.reward)
   return [_trajectory(row, contexts.get(i), max_context, policy_version, cfg.reward, zero_terms)
           for i, row in enumerate(rows)]
+
+
+def _run_rows(sampler, rows, contexts: dict, prompts: dict, rng, first_turn: int, *, step_all,
+              cfg, tokenizer, layout, sampling, max_context, watch) -> None:
+  """Runs the rows of ``prompts`` (row index -> its tokens so far) from turn ``first_turn`` in
+  one lockstep batch; records each row's final sampler context in ``contexts``."""
+  batch = [i for i in sorted(prompts) if rows[i].running]   # sampler row j is rows[batch[j]]
+  if not batch:
+    return
+  episode = sampler.start_episode([prompts[i] for i in batch], rng)
+  episode, batch = _run_turns(sampler, episode, batch, rows, step_all, cfg, tokenizer, layout,
+                              sampling, max_context, watch=watch, first_turn=first_turn)
+  contexts.update({i: episode.contexts[j] for j, i in enumerate(batch)})
 
 
 def _step_all(executor, calls: Sequence[tuple[base.Environment, str]]) -> list:
@@ -467,11 +504,12 @@ def _step_all(executor, calls: Sequence[tuple[base.Environment, str]]) -> list:
 
 
 def _run_turns(sampler, episode, batch, rows, step_all, cfg, tokenizer, layout, sampling,
-               max_context, tree=None):
-  """The lockstep turns of the batch's rows (sampler row j is ``rows[batch[j]]``); returns the
-  last episode and its batch. ``tree`` (a ``_Tree``) forks rows before a turn and decides
-  speculative forks after its steps; without it the batch never changes."""
-  for turn in range(int(cfg.max_turns)):
+               max_context, tree=None, watch=None, first_turn: int = 0):
+  """The lockstep turns ``first_turn``.. of the batch's rows (sampler row j is
+  ``rows[batch[j]]``); returns the last episode and its batch. ``tree`` (a ``_Tree``) forks rows
+  before a turn and decides speculative forks after its steps; without it the batch never
+  changes. ``watch`` (a ``_Watch``) may stop rows after their step."""
+  for turn in range(first_turn, int(cfg.max_turns)):
     if tree is not None and turn:
       episode, batch = tree.before_turn(episode, batch, turn)
     episode, out = sampler.generate_turn(episode, sampling, tokenizer)
@@ -499,6 +537,8 @@ def _run_turns(sampler, episode, batch, rows, step_all, cfg, tokenizer, layout, 
       rows[i].results.append(result)
       new_tokens[j] = _next_observation(rows[i], result, error, close, turn, cfg, tokenizer,
                                         len(episode.contexts[j]), max_context)
+    if watch is not None:
+      watch(rows, batch, episode, new_tokens, turn)
     if tree is not None:
       tree.after_step(batch, new_tokens, turn)
     if all(t is None for t in new_tokens):
@@ -613,12 +653,137 @@ def _trajectory(row: _Row, context: Optional[np.ndarray], max_context: int, poli
   terms, reward_error = _score(row.grade, reward_cfg, row.task_id, zero_terms)
   info: dict = {"statuses": tuple(row.statuses), "finish_reasons": tuple(row.finish_reasons),
                 "env_infos": tuple(row.env_infos), "observation_cut": tuple(row.cut_turns),
-                **row.errors}
+                "actions": tuple(row.actions), **row.notes, **row.errors}
   if reward_error is not None:
     info["reward_error"] = reward_error
   return Trajectory(task_id=row.task_id, tokens=tokens[:max_context], prompt_len=row.prompt_len,
                     status=row.status, num_turns=row.num_turns, grade=row.grade,
                     reward_terms=terms, info=info, **arrays)
+
+
+# -- watched rollouts: early stops and spliced branches ------------------------------------------
+
+_SPLICE_SALT = (1 << 30) - 3     # fold_in(rng, _SPLICE_SALT + t): the keys of branches spliced at t
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """A running episode at a turn boundary, as a monitor sees it: after turn ``turn`` was sampled
+  and stepped, before its observation is appended. ``index`` is its row in the rollout call;
+  ``source`` the row it descends from (itself, or a spliced branch's source); ``context`` the
+  tokens the next turn would be sampled after (history, closing tokens, observation, generation
+  prompt)."""
+  index: int
+  source: int
+  task: Any
+  turn: int
+  actions: tuple            # the texts stepped so far, turn 0..turn
+  context: np.ndarray       # int32
+  branch: bool              # a spliced branch (its stops never splice again)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+  """A monitor's decision on a candidate: ``stop`` ends the episode (status ``deviated``,
+  ``info["deviation"]`` = ``info`` + the turn); ``splice`` (a stop only, not on a branch) makes a
+  branch with this assistant message in place of the sampled turn."""
+  stop: bool
+  info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  splice: Optional[chat.Message] = None
+
+
+# A monitor: called once per turn with every episode that would go on; returns verdicts by
+# candidate index (missing: go on). It may score contexts with the model, read the actions, ...
+Monitor = Callable[[Sequence[Candidate]], Mapping[int, Verdict]]
+
+
+class _Watch:
+  """Applies a monitor inside ``_run_turns`` and collects the splices it asks for."""
+
+  def __init__(self, monitor: Monitor, tasks: Sequence[Any]):
+    self.monitor, self.tasks, self.splices = monitor, tasks, collections.defaultdict(list)
+
+  def __call__(self, rows, batch, episode, new_tokens, turn: int) -> None:
+    candidates = []
+    for j, i in enumerate(batch):
+      if new_tokens[j] is None:
+        continue
+      source = i if rows[i].source is None else rows[i].source
+      candidates.append(Candidate(
+          index=i, source=source, task=self.tasks[source], turn=turn,
+          actions=tuple(rows[i].actions), branch=rows[i].source is not None,
+          context=np.concatenate([episode.contexts[j], new_tokens[j]]).astype(np.int32)))
+    if not candidates:
+      return
+    verdicts = self.monitor(candidates)
+    for j, i in enumerate(batch):
+      verdict = verdicts.get(i)
+      if new_tokens[j] is None or verdict is None or not verdict.stop:
+        continue
+      row = rows[i]
+      del row.segments[-2:]                  # the closing and observation segments
+      if row.cut_turns and row.cut_turns[-1] == turn:
+        row.cut_turns.pop()
+      row.notes["deviation"] = {**verdict.info, "turn": turn}
+      row.end(base.DEVIATED)
+      new_tokens[j] = None
+      if verdict.splice is not None and row.source is None:
+        self.splices[turn].append((i, verdict.splice))
+
+  def take_splices(self) -> dict:
+    splices, self.splices = dict(self.splices), collections.defaultdict(list)
+    return splices
+
+
+def assistant_turn_tokens(message: chat.Message, tokenizer) -> np.ndarray:
+  """The ids of an assistant turn written by someone else (a teacher), as if sampled: its body
+  as ``chat.render`` encodes it, then ``<|im_end|>`` (what a sampled turn ends with)."""
+  header = chat.render_pieces(chat.Conversation(()), add_generation_prompt=True)
+  whole = chat.render_pieces(chat.Conversation((message,)))
+  footer = _assistant_footer()
+  if whole[:len(header)] != header or whole[len(whole) - len(footer):] != footer:
+    raise RuntimeError("chat no longer renders an assistant turn as generation prompt, body, "
+                       "footer: update rollout.assistant_turn_tokens")
+  tokens, _, _ = chat.encode_pieces(whole[len(header):len(whole) - len(footer)], tokenizer)
+  return np.concatenate([tokens, [tokenizer.token_id(special_tokens.IM_END)]]).astype(np.int32)
+
+
+def _splice(row: _Row, source: int, turn: int, message: chat.Message, make_env, task, tokenizer,
+            layout: TurnLayout, cfg, max_context: int, step_all) -> _Row:
+  """A branch of ``row``: its history before ``turn``, ``message`` as that turn (stepped on a
+  replayed environment) and, if the episode goes on, ready for the policy's next turn (its
+  segments are its prompt). Never raises: a replay that fails ends the branch (env_error)."""
+  cut = next(k for k, seg in enumerate(row.segments)
+             if seg.turn == turn and seg.logp_policy is not None)
+  branch = _Row(None, row.task_id, segments=row.segments[:cut], prompt_len=row.prompt_len,
+                num_turns=turn, statuses=row.statuses[:turn],
+                finish_reasons=row.finish_reasons[:turn], env_infos=row.env_infos[:turn],
+                cut_turns=[c for c in row.cut_turns if c < turn], opening=row.opening,
+                actions=row.actions[:turn], results=row.results[:turn], source=source,
+                notes={"branch_of": source, "spliced_turn": turn})
+  env, why = _replay_env(make_env, task, row.opening, row.actions[:turn], row.results[:turn])
+  if env is None:
+    branch.errors["env_error"] = why
+    branch.end(base.ENV_ERROR)
+    return branch
+  branch.env = env
+  ids = assistant_turn_tokens(message, tokenizer)
+  close = closing_tokens(ids, layout)
+  tags = assistant_turn_tags(ids, close, layout)
+  branch.segments.append(_Segment(ids, tags[:len(ids)], turn))      # not sampled: no log-probs
+  branch.num_turns += 1
+  branch.finish_reasons.append("spliced")
+  context_len = sum(len(seg.tokens) for seg in branch.segments)
+  if context_len + 1 > max_context:
+    branch.end(base.CONTEXT_EXHAUSTED)
+    return branch
+  text = chat.render_assistant_body(message)
+  (result, error), = step_all([(env, text)])
+  branch.actions.append(text)
+  branch.results.append(result)
+  _next_observation(branch, result, error, _Segment(close, tags[len(ids):], turn), turn, cfg,
+                    tokenizer, context_len, max_context)
+  return branch
 
 
 # -- tree rollouts ------------------------------------------------------------------------------
@@ -630,8 +795,8 @@ _TOPUP_SALT = (1 << 30) - 2      # the rollout of the top-up rows
 
 
 def rollout_groups(sampler, make_env, tasks: Sequence[Any], group_size: int, rng, cfg, tokenizer,
-                   *, policy_version: int = 0, task_ids: Optional[Sequence[str]] = None
-                   ) -> list[list[Trajectory]]:
+                   *, policy_version: int = 0, task_ids: Optional[Sequence[str]] = None,
+                   monitor: Optional[Monitor] = None) -> list[list[Trajectory]]:
   """``group_size`` trajectories of every task: one list per task, in task order.
 
   ``make_env()`` returns a fresh environment; every environment made here is closed before the
@@ -640,9 +805,16 @@ def rollout_groups(sampler, make_env, tasks: Sequence[Any], group_size: int, rng
   With tree rollouts on, see ``_Tree``: each task starts ``group_size / fork_width**fork_turns``
   rows and forks them at turn boundaries, so a group's trajectories share prefixes (its
   ``trajectories_to_tree`` POR is higher); ``info["tree"]`` of each trajectory tells where its
-  lineage forked, and ``rollout_stats(groups)`` sums it up with the realized POR."""
+  lineage forked, and ``rollout_stats(groups)`` sums it up with the realized POR.
+
+  ``monitor``: see ``rollout`` (plain groups only); a group then holds its ``group_size``
+  trajectories followed by the branches spliced from them (``info["branch_of"]`` is the index of
+  the source in its group)."""
   validate_config(cfg, sampler.max_len)
   validate_groups(cfg, group_size)
+  if monitor is not None and cfg.fork_turns:
+    raise ConfigError(f"{CONFIG_PATH}.fork_turns={cfg.fork_turns} with a deviation monitor: "
+                      "watched rollouts (RFT) fork only by splicing; set fork_turns=0")
   if task_ids is not None and len(task_ids) != len(tasks):
     raise ValueError(f"rollout_groups got {len(task_ids)} task_ids for {len(tasks)} tasks")
   ids = list(task_ids) if task_ids is not None else [task_id_of(t) for t in tasks]
@@ -658,8 +830,14 @@ def rollout_groups(sampler, make_env, tasks: Sequence[Any], group_size: int, rng
     if not cfg.fork_turns:
       rows = [t for t in tasks for _ in range(g)]
       trajs = rollout(sampler, [fresh_env() for _ in rows], rows, rng, cfg, tokenizer,
-                      policy_version=policy_version, task_ids=[i for i in ids for _ in range(g)])
-      return [trajs[k * g:(k + 1) * g] for k in range(len(tasks))]
+                      policy_version=policy_version, task_ids=[i for i in ids for _ in range(g)],
+                      monitor=monitor, make_env=fresh_env)
+      groups = [trajs[k * g:(k + 1) * g] for k in range(len(tasks))]
+      for branch in trajs[len(rows):]:
+        source = int(branch.info["branch_of"])
+        groups[source // g].append(dataclasses.replace(
+            branch, info={**branch.info, "branch_of": source % g}))
+      return groups
     return _Tree(sampler, fresh_env, made, tasks, ids, g, rng, cfg, tokenizer,
                  policy_version).run()
   finally:
@@ -741,6 +919,14 @@ def _replicate_env(row_env: base.Environment, make_env, task: Any,
       return clone(), None
     except Exception:   # a failing clone falls back to the replay
       pass
+  return _replay_env(make_env, task, opening, actions, results)
+
+
+def _replay_env(make_env, task: Any, opening: base.Observation, actions: Sequence[str],
+                results: Sequence[base.StepResult]
+                ) -> tuple[Optional[base.Environment], Optional[str]]:
+  """A fresh ``make_env()`` reset on ``task`` with ``actions`` replayed, each observation,
+  ``done`` and status checked against the recorded ``opening`` / ``results``; or (None, why)."""
   env = None
   try:
     env = make_env()

@@ -99,6 +99,14 @@ def _rl_run(config, workdir):
 register(Stage("rl", loss="tree", run=_rl_run))
 
 
+def _rft_run(config, workdir):
+  from kat_jax.rl import rft_loop   # the RL loop with teacher-guided rollouts
+  return rft_loop.train(config, workdir)
+
+
+register(Stage("rft", loss="tree", run=_rft_run))
+
+
 def _check_sft_data(data) -> None:
   """The ``sft`` stage's contract on ``config.data``: teacher trajectories in the mixture, and
   every stream a conversation stream trained on its assistant tokens only."""

@@ -44,9 +44,10 @@ NO_ACTION = "no_action"                # neither a tool call nor an answer
 MAX_TURNS = "max_turns"
 CONTEXT_EXHAUSTED = "context_exhausted"
 ENV_ERROR = "env_error"                # the environment raised (its bug); recorded, not re-raised
+DEVIATED = "deviated"                  # ended early by the RFT deviation monitor (kat_jax.rl.rft)
 
 STEP_STATUSES = (OK, SUBMITTED, PARSE_ERROR, UNKNOWN_TOOL, TOOL_ERROR, TOOL_TIMEOUT, NO_ACTION)
-LOOP_STATUSES = (MAX_TURNS, CONTEXT_EXHAUSTED, ENV_ERROR)
+LOOP_STATUSES = (MAX_TURNS, CONTEXT_EXHAUSTED, ENV_ERROR, DEVIATED)
 STATUSES = STEP_STATUSES + LOOP_STATUSES
 # Statuses that mean the episode ended on a limit rather than by the model (RL may mask them).
 LIMIT_STATUSES = (MAX_TURNS, CONTEXT_EXHAUSTED, TOOL_TIMEOUT)
