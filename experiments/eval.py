@@ -4,6 +4,8 @@
       [--num_samples=10 --ks=1,10 --temperature=0.8 --max_new_tokens=256 --limit=20 \
        --suites=humaneval,procedural --step=N]
   python -m experiments.eval ... --decode=beam --beam_width=4 [--length_penalty=1.0]
+  python -m experiments.eval ... --modes=initial,refine,explain_refine --num_samples=10 \
+      --ks=1,10 [--refine_rounds=3]
 
 Restores the latest checkpoint in DIR (``kat_jax.train.loop.load_state``, on the config's mesh)
 and the tokenizer saved beside it (``DIR/tokenizer``), then for each suite:
@@ -23,6 +25,16 @@ Each prompt gets ``--num_samples`` samples (temperature 0 = greedy when one samp
 in ``--ks`` that is <= num_samples. The table is printed and written with every sample's
 completion and verdict to ``DIR/eval/step_<N>.json``. A failed run ends with one last line
 ``error: <root cause>`` (``errors.run_main``).
+
+``--modes`` adds LeDex's refinement modes (``kat_jax.eval.refinement``): ``refine`` asks the
+model to fix each of its failing samples from the sandbox's failure report, ``explain_refine`` to
+explain the bug and then fix it (one answer); a sample that passed stays as it is, and pass@k of
+a mode is over the final programs (after one round in the main table). ``--refine_rounds=R`` goes
+on for up to R rounds, the model seeing its new failure each time; success by round is tabulated.
+Refinement prompts are chat turns (``data.self_debug.debug_prompt``) sampled with the same
+temperature in a sampler of ``--refine_max_len`` slots; one that does not fit gets no answer and
+fails (counted in the report's ``refine_overflowed``). Every run also writes the table as
+markdown, ``DIR/eval/step_<N>.md`` (one table per checkpoint), beside the JSON.
 
 ``--decode=beam`` replaces sampling by beam search (``kat_jax.sample.beam``: ``--beam_width``
 hypotheses per prompt, ranked by ``sum log p / length ** length_penalty``) and scores the top
@@ -45,12 +57,14 @@ from ml_collections import config_flags
 from kat_jax import config as config_lib
 from kat_jax import errors
 from kat_jax import workdir as workdir_lib
+from kat_jax.eval import refinement
 from kat_jax.eval.sampling import sample_completions
 from kat_jax.eval.scoring import (HUMANEVAL_STOP_STRINGS, format_table, humaneval_completion,
                                   score_humaneval, score_procedural)
 
 SUITES = ("humaneval", "procedural")
 DECODES = ("sample", "beam")
+MODES = refinement.MODES   # initial, refine, explain_refine
 
 
 def _cut_at_stop_strings(tokens: Sequence[int], reason: str, stop_strings: Sequence[str],
@@ -113,7 +127,8 @@ def run_eval(config, workdir: str, *, suites: Sequence[str] = SUITES, num_sample
              top_k: int = 0, max_new_tokens: int = 256, limit: int = 0, batch_size: int = 16,
              seed: int = 0, step: Optional[int] = None, procedural_tasks: int = 100,
              sandbox_workers: Optional[int] = None, decode: str = "sample", beam_width: int = 4,
-             length_penalty: float = 1.0) -> dict:
+             length_penalty: float = 1.0, modes: Sequence[str] = ("initial",),
+             refine_rounds: int = 1, refine_max_len: int = 2048) -> dict:
   """Samples and scores every suite; returns the JSON-ready report (also written to DIR/eval/)."""
   import jax
   from kat_jax.data import chat, special_tokens, tokenizer as tokenizer_lib
@@ -127,6 +142,12 @@ def run_eval(config, workdir: str, *, suites: Sequence[str] = SUITES, num_sample
   unknown = [s for s in suites if s not in SUITES]
   if unknown:
     raise ValueError(f"unknown suites {unknown}: choose among {list(SUITES)}")
+  bad_modes = [m for m in modes if m not in MODES]
+  if bad_modes or not modes:
+    raise ValueError(f"--modes={list(modes)}: choose among {list(MODES)}")
+  if refine_rounds < 1:
+    raise ValueError(f"--refine_rounds={refine_rounds} must be >= 1")
+  refining = [m for m in modes if m != "initial"]
   if num_samples < 1:
     raise ValueError(f"--num_samples={num_samples} must be >= 1")
   if decode not in DECODES:
@@ -181,8 +202,15 @@ def run_eval(config, workdir: str, *, suites: Sequence[str] = SUITES, num_sample
   sampling = {"humaneval": SamplingConfig(stop_strings=HUMANEVAL_STOP_STRINGS, **base),
               "procedural": SamplingConfig(**base)}
   rng = jax.random.key(seed)
+  refiner = None
+  if refining:
+    from kat_jax.data.generator import SamplerGenerator
+    refiner = SamplerGenerator(Sampler(model, state.params, max_len=refine_max_len), tokenizer,
+                               temperature=temperature, top_p=top_p, top_k=top_k,
+                               max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               seed=seed + 1, overflow="empty", name=f"step_{restored_step}")
 
-  results = []
+  results, mode_results = [], []
   pool = SandboxPool(num_workers=sandbox_workers)
   try:
     for index, (suite, (ids, suite_prompts)) in enumerate(prompts.items()):
@@ -201,6 +229,14 @@ def run_eval(config, workdir: str, *, suites: Sequence[str] = SUITES, num_sample
       else:
         completions = {i: [t for t, _, _ in s] for i, s in zip(ids, samples)}
         results.append(score_procedural(tasks, completions, ks, pool, extras))
+      if refining:
+        eval_tasks = (refinement.humaneval_eval_tasks([problems[i] for i in ids])
+                      if suite == "humaneval" else refinement.procedural_eval_tasks(tasks))
+        start = time.perf_counter()
+        mode_results.append(refinement.evaluate_suite(
+            suite, eval_tasks, pool, refiner=refiner, modes=modes, num_samples=len(samples[0]),
+            ks=ks, rounds=refine_rounds, initial_texts=[[t for t, _, _ in s] for s in samples]))
+        logging.info("%s: modes %s in %.1fs", suite, list(modes), time.perf_counter() - start)
   finally:
     pool.close()
 
@@ -214,12 +250,26 @@ def run_eval(config, workdir: str, *, suites: Sequence[str] = SUITES, num_sample
       "table": format_table(results, ks),
       "suites": {r.suite: r.to_dict() for r in results},
   }
+  title = f"step {restored_step} ({os.path.abspath(workdir)})"
+  if refining:
+    report["modes"] = {r.suite: r.to_dict() for r in mode_results}
+    report["refine_rounds"] = refine_rounds
+    # Refinement prompts longer than --refine_max_len got no answer (scored as failures).
+    report["refine_overflowed"] = refiner.overflowed
+    markdown = refinement.markdown_table(mode_results, ks, title)
+  else:   # the same table with the initial mode only
+    markdown = refinement.markdown_table(
+        [refinement.SuiteModes(r.suite, {"initial": r.pass_at_k}, {}, {}, num_samples, 0)
+         for r in results], ks, title)
+  report["markdown"] = markdown
   out_dir = workdir_lib.eval_dir(workdir)
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"step_{restored_step}.json")
   with open(path + ".tmp", "w") as f:
     json.dump(report, f, indent=1)
   os.replace(path + ".tmp", path)
+  with open(os.path.join(out_dir, f"step_{restored_step}.md"), "w") as f:
+    f.write(markdown)
   report["path"] = path
   return report
 
@@ -260,6 +310,13 @@ def _define_flags() -> dict:
       "length_penalty": flags.DEFINE_float(
           "length_penalty", 1.0, "Beam score = sum log p / length ** length_penalty "
           "(--decode=beam; 0: plain sum)."),
+      "modes": flags.DEFINE_list(
+          "modes", ["initial"], "Evaluation modes among initial, refine (fix the failing "
+          "samples from their error) and explain_refine (explain, then fix)."),
+      "refine_rounds": flags.DEFINE_integer(
+          "refine_rounds", 1, "Refinement rounds at most (the model sees its new failure)."),
+      "refine_max_len": flags.DEFINE_integer(
+          "refine_max_len", 2048, "KV-cache slots of the refinement sampler (prompt + answer)."),
   }
 
 
@@ -273,6 +330,8 @@ def main(argv, f: dict):
                     ks=[int(k) for k in values.pop("ks")], **values)
   print(f"step {report['step']}  ({report['workdir']})")
   print(report["table"])
+  if "modes" in report:
+    print(report["markdown"])
   print(f"wrote {report['path']}")
 
 

@@ -11,12 +11,23 @@ batched callable, so a local model, a remote service or a deterministic fake all
     text = to_code_file(r.instruction, r.solution, path=f"evol/{r.id}.py")   # aiXcoder-style file
     examples = code_file_fim_examples(text, rng, num_examples=4)          # structured FIM
 
-``generate(prompts: list[str]) -> list[str]`` must return one response per prompt. Filters: non-empty,
+``generate(prompts: list[str]) -> list[str]`` must return one response per prompt: a
+``data.generator.TextGenerator`` (a kat_jax checkpoint through the KV-cache sampler, an imported
+Hugging Face model) is one, as is any plain function. Filters: non-empty,
 not longer than a limit, no leaked template markers, a real change from the parent (at least
 ``min_new_ngram_fraction`` of the rewrite's character n-grams are new), not a near-duplicate of any
 other kept instruction outside its own lineage (character n-gram Jaccard ≥ threshold; ancestors are
 exempt because an evolution legitimately extends its parent), and a solution that parses as Python.
-``EvolStats.rejected`` counts each reason.
+``EvolStats.rejected`` counts each reason, ``proposed_per_operation`` / ``accepted_per_operation``
+each evolution operation.
+
+Execution filter (``verify``): every accepted solution runs in the sandbox against tests — the
+generator's own (``tests="generated"``: assert statements asked for with ``TESTS_TEMPLATE``), the
+seed's (``"given"``: the ``tests`` of its lineage's root seed) or both — and is kept only when all
+of them pass (proxy mode: the asserts run in the judge against the program's functions)::
+
+    verified, report = verify(records, generate, pool, tests="generated", seeds=seeds)
+    report["per_operation"]    # {operation: {"evolved", "verified"}}, report["rejected"]: reasons
 """
 from __future__ import annotations
 
@@ -151,6 +162,10 @@ class EvolStats:
   prompts: int = 0
   accepted_per_round: list = dataclasses.field(default_factory=list)
   rejected: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  proposed_per_operation: collections.Counter = dataclasses.field(
+      default_factory=collections.Counter)
+  accepted_per_operation: collections.Counter = dataclasses.field(
+      default_factory=collections.Counter)
 
 
 class _NearDuplicateIndex:
@@ -247,6 +262,7 @@ def evolve(seeds: Sequence[Union[str, dict, EvolRecord]], generate: Callable[[li
     if not pool:
       break
     chosen = [ops[int(k)] for k in rng.choice(len(ops), size=len(pool), p=p)]
+    stats.proposed_per_operation.update(chosen)
     responses = _call(generate, [evolution_prompt(r.instruction, op) for r, op in zip(pool, chosen)],
                       stats)
     next_pool: list[EvolRecord] = []
@@ -285,6 +301,7 @@ def evolve(seeds: Sequence[Union[str, dict, EvolRecord]], generate: Callable[[li
         records.append(record)
         next_pool.append(record)
         accepted += 1
+        stats.accepted_per_operation[op] += 1
     stats.accepted_per_round.append(accepted)
     pool = next_pool
   return records, stats
@@ -303,6 +320,115 @@ def write_jsonl(records: Iterable[EvolRecord], path: str) -> int:
 def read_jsonl(path: str) -> list[EvolRecord]:
   with open(path, encoding="utf-8") as f:
     return [EvolRecord.from_dict(json.loads(line)) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------- execution filter
+
+TESTS_TEMPLATE = (
+    "Write 3 to 5 assert statements that check a correct Python solution of the following task. "
+    "Reply with one ```python code block holding only the assert statements.\n\n{instruction}\n")
+TEST_SOURCES = ("generated", "given", "both")
+VERIFY_REJECT_REASONS = ("no_tests", "no_function", "tests_failed")
+
+
+def tests_prompt(instruction: str) -> str:
+  return TESTS_TEMPLATE.format(instruction=instruction)
+
+
+def extract_asserts(response: str) -> list[str]:
+  """The top-level ``assert`` statements of the response's code (``extract_code``), as source;
+  [] when it does not parse."""
+  try:
+    tree = ast.parse(extract_code(response))
+  except (SyntaxError, ValueError):
+    return []
+  return [ast.unparse(node) for node in tree.body if isinstance(node, ast.Assert)]
+
+
+def function_names(code: str) -> tuple[str, ...]:
+  """Names of the top-level functions of ``code`` (what tests may call)."""
+  try:
+    tree = ast.parse(code)
+  except (SyntaxError, ValueError):
+    return ()
+  return tuple(n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifiedRecord:
+  """An evolved record whose solution passed its tests in the sandbox, with the tests, where they
+  came from and its lineage (ids from the seed to the record)."""
+  record: EvolRecord
+  tests: tuple
+  tests_source: str
+  lineage: tuple
+
+  def to_dict(self) -> dict:
+    """The instruction record (``EvolRecord`` fields) plus tests, tests_source and lineage: a line
+    the JSONL corpus reads as an instruction record (``corpora.jsonl``)."""
+    return {**self.record.to_dict(), "tests": list(self.tests),
+            "tests_source": self.tests_source, "lineage": list(self.lineage)}
+
+
+def _lineage(record: EvolRecord, parents: dict) -> tuple:
+  chain, rid = [], record.id
+  while rid is not None and rid not in chain:
+    chain.append(rid)
+    rid = parents.get(rid)
+  return tuple(reversed(chain))
+
+
+def verify(records: Sequence[EvolRecord], generate: Callable[[list[str]], list[str]], pool, *,
+           tests: str = "generated",
+           seeds: Sequence[Union[str, dict, EvolRecord]] = ()) -> tuple[list, dict]:
+  """Keeps the records whose solution passes its tests in the sandbox (module docstring).
+  ``seeds`` (as given to ``evolve``) give the lineage roots and, for ``"given"`` / ``"both"``,
+  their ``tests`` (lists of assert statements). Returns (verified records, report)."""
+  from kat_jax.sandbox import CodeTest, Job  # pylint: disable=g-import-not-at-top
+  if tests not in TEST_SOURCES:
+    raise ValueError(f"tests={tests!r}: use one of {list(TEST_SOURCES)}")
+  seed_records = [_as_record(s, i) for i, s in enumerate(seeds)]
+  given = {r.id: list(s.get("tests", ())) if isinstance(s, dict) else []
+           for r, s in zip(seed_records, seeds)}
+  parents = {r.id: r.parent_id for r in records}
+  parents.update({r.id: None for r in seed_records})
+  lineages = [_lineage(r, parents) for r in records]
+  generated: list[list[str]] = [[] for _ in records]
+  stats = EvolStats()
+  if tests in ("generated", "both") and records:
+    responses = _call(generate, [tests_prompt(r.instruction) for r in records], stats)
+    generated = [extract_asserts(text) for text in responses]
+  report = {"evolved": len(records), "verified": 0, "rejected": collections.Counter(),
+            "tests_generate_calls": stats.generate_calls,
+            "per_operation": collections.defaultdict(lambda: {"evolved": 0, "verified": 0})}
+  jobs, candidates = [], []
+  for record, lineage, own in zip(records, lineages, generated):
+    report["per_operation"][record.operation]["evolved"] += 1
+    checks = (list(own) if tests != "given" else []) + (
+        given.get(lineage[0], []) if tests != "generated" else [])
+    names = function_names(record.solution)
+    if not checks:
+      report["rejected"]["no_tests"] += 1
+      continue
+    if not names:
+      report["rejected"]["no_function"] += 1
+      continue
+    source = tests if tests != "both" else (
+        "both" if own and given.get(lineage[0]) else "generated" if own else "given")
+    jobs.append(Job(program=record.solution, exports=names, job_id=record.id,
+                    tests=tuple(CodeTest(f"assert_{i}", code) for i, code in enumerate(checks))))
+    candidates.append(VerifiedRecord(record, tuple(checks), source, lineage))
+  kept = []
+  for candidate, result in zip(candidates, pool.map(jobs) if jobs else []):
+    if result.passed:
+      kept.append(candidate)
+      report["per_operation"][candidate.record.operation]["verified"] += 1
+    else:
+      report["rejected"]["tests_failed"] += 1
+  report["verified"] = len(kept)
+  report["rejected"] = dict(report["rejected"])
+  report["per_operation"] = {op: dict(v) for op, v in sorted(report["per_operation"].items())}
+  return kept, report
 
 
 # --------------------------------------------------------------------- aiXcoder-style code files

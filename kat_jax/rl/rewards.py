@@ -367,3 +367,14 @@ def _as_batch(rewards) -> np.ndarray:
     raise ValueError(f"reward {float(batch.reshape(-1)[i])!r} at index {i} is not finite: find "
                      f"its task with rewards.validate_rewards(rewards, task_ids)")
   return batch
+
+
+def _refine(grade, cfg) -> dict:
+  """The refinement reward of the ``refine`` environment (w_test · pass rate + w_codebleu ·
+  CodeBLEU + w_explanation · explanation score): ``kat_jax.rl.envs.refine.refine_reward``,
+  imported on first use (the environment module imports much more than the rewards)."""
+  from kat_jax.rl.envs import refine
+  return refine.refine_reward(grade, cfg)
+
+
+register("refine", _refine)

@@ -118,7 +118,7 @@ _ENVS: dict[str, Callable[..., Environment]] = {}
 # Built-in environments by module, imported on first use (so importing the registry is cheap).
 _BUILTIN_MODULES = {"code": "kat_jax.rl.envs.code", "code_single": "kat_jax.rl.envs.code",
                     "humaneval": "kat_jax.rl.envs.code", "repo": "kat_jax.rl.envs.repo",
-                    "math": "kat_jax.rl.envs.math"}
+                    "math": "kat_jax.rl.envs.math", "refine": "kat_jax.rl.envs.refine"}
 
 
 def register(name: str) -> Callable:
