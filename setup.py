@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "tree-sitter==0.22.3",          # codebleu 0.7.0 needs exactly these two
     "tree-sitter-python==0.21.0",
     "sympy==1.14.0",
+    "matplotlib==3.11.2",           # report charts (experiments/ablate_*.py, the chain's report)
 ]
 
 EXTRAS = {

@@ -203,6 +203,11 @@ class RLStage:
     self.last_rollout_stats = rollout_lib.rollout_stats(groups)
     return groups
 
+  def draw_tasks(self, level: int, round_: int, num: int) -> list:
+    """The iteration's training tasks (deterministic from the seed, iteration and round); a stage
+    that trains on other tasks (e.g. records of the model's own failures) overrides this."""
+    return draw_tasks(self.config, level, self.iteration, round_, num)
+
   def training_rollouts(self, tasks, rng):
     """The groups an iteration trains on (RFT overrides this: watched, rescored rollouts)."""
     return self.rollouts(tasks, rng)
@@ -217,7 +222,7 @@ class RLStage:
     rng = jax.random.fold_in(jax.random.key(self.config.seed + 2), self.iteration)
     while len(kept) < want and rounds < (cfg.filter.max_sampling_rounds
                                          if cfg.filter.dynamic_sampling else 1):
-      tasks = draw_tasks(self.config, level, self.iteration, rounds, want)
+      tasks = self.draw_tasks(level, rounds, want)
       for group in self.training_rollouts(tasks, jax.random.fold_in(rng, rounds)):
         rewards = [t.reward for t in group]
         if cfg.filter.dynamic_sampling and max(rewards) == min(rewards):

@@ -111,19 +111,27 @@ class RFTStage(rl_loop.RLStage):
       by_context.setdefault(np.asarray(context, np.int32).tobytes(), (context, []))[1].append(
           (p, np.asarray(cont, np.int32)))
     trees, where = [], {}
-    k_max = int(self.config.tree.max_traj)
-    for context, conts in by_context.values():
-      for start in range(0, len(conts), k_max):
-        part = conts[start:start + k_max]
-        trees.append(build.build_tree(
-            [np.concatenate([context, c]) for _, c in part],
-            fields={"weight": [np.concatenate([np.zeros(len(context), np.float32),
-                                               np.ones(len(c), np.float32)]) for _, c in part]}))
-        where.update({p: (len(trees) - 1, k) for k, (p, _) in enumerate(part)})
+    k_max, limit = int(self.config.tree.max_traj), int(self.config.tree.max_tokens)
+
+    def flush(context, part):
+      trees.append(build.build_tree(
+          [np.concatenate([context, c]) for _, c in part],
+          fields={"weight": [np.concatenate([np.zeros(len(context), np.float32),
+                                             np.ones(len(c), np.float32)]) for _, c in part]}))
+      where.update({p: (len(trees) - 1, k) for k, (p, _) in enumerate(part)})
+
+    for context, conts in by_context.values():   # each pair fits alone (the caller checks)
+      part, size = [], len(context)
+      for p, cont in conts:
+        if part and (len(part) == k_max or size + len(cont) > limit):
+          flush(context, part)
+          part, size = [], len(context)
+        part.append((p, cont))
+        size += len(cont)
+      flush(context, part)
     shards = sharding_lib.batch_shards(self.trainer.mesh, self.trainer.rules)
     rows = shards * (1 << max(-(-len(trees) // shards) - 1, 0).bit_length())   # pow2 buckets
     trees += [trees[-1]] * (rows - len(trees))
-    limit = int(self.config.tree.max_tokens)
     batch = batch_to_arrays(tree_batch.batch_trees(
         trees, max_tokens=rl_loop.token_bucket(max(t.n_tree for t in trees), limit),
         max_nodes=self.config.tree.max_nodes, max_traj=k_max, max_len=self.config.tree.max_len))

@@ -13,7 +13,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "train"))
 from kill_helpers import kill_after_checkpoint  # noqa: E402
 
-ITERATIONS, KILL_AFTER = 4, 2
+ITERATIONS, KILL_AFTER = 3, 1   # the resumed run still does two iterations
 REPO = os.path.dirname(os.path.dirname(HERE))
 
 
