@@ -2,6 +2,8 @@
 
 ``get_preset("tiny")`` returns an ml_collections ConfigDict (so experiment configs can override any field
 from the command line); ``ModelConfig.from_config(cfg)`` turns it into a frozen, validated dataclass.
+``config.model.lora`` (``LoraConfig``) turns on low-rank adapters and a quantized frozen base
+(kat_jax.model.lora).
 """
 from __future__ import annotations
 
@@ -10,6 +12,70 @@ import dataclasses
 import ml_collections
 
 from kat_jax.errors import ConfigError
+
+
+# Projection kernels LoRA can adapt, by target name; "attn", "mlp" and "all" name groups of them.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_TARGET_GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down"),
+                      "all": LORA_TARGETS}
+LORA_QUANTIZE = ("", "int8", "nf4")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """``config.model.lora``: low-rank adapters on the projection kernels (kat_jax.model.lora)."""
+  rank: int = 0                  # adapter rank r; 0 = no adapters (full fine-tuning)
+  alpha: float = 16.0            # the update is (alpha / rank) · A·B
+  targets: str = "q,k,v,o,mlp"   # comma-separated LORA_TARGETS or groups (attn, mlp, all)
+  dropout: float = 0.0           # dropout on the adapters' input, training steps only
+  quantize_base: str = ""        # QLoRA: frozen projection kernels stored '' (float) | int8 | nf4
+
+  @classmethod
+  def from_config(cls, cfg) -> "LoraConfig":
+    if isinstance(cfg, LoraConfig):
+      return cfg
+    values = dict(cfg.items()) if cfg is not None else {}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - fields
+    if unknown:
+      raise ConfigError(f"config.model.lora has unknown field(s) {sorted(unknown)}; known fields: "
+                        f"{sorted(fields)}")
+    return cls(**values)
+
+  def target_names(self) -> tuple[str, ...]:
+    """The adapted kernels' target names in LORA_TARGETS order ("q,mlp" -> q, gate, up, down)."""
+    chosen = set()
+    for part in (p.strip() for p in self.targets.split(",")):
+      if part in LORA_TARGET_GROUPS:
+        chosen.update(LORA_TARGET_GROUPS[part])
+      elif part in LORA_TARGETS:
+        chosen.add(part)
+      else:
+        raise ConfigError(
+            f"config.model.lora.targets={self.targets!r}: {part!r} is not a target; use a "
+            f"comma-separated list of {list(LORA_TARGETS)} or the groups "
+            f"{sorted(LORA_TARGET_GROUPS)}, e.g. 'q,k,v,o,mlp'")
+    return tuple(t for t in LORA_TARGETS if t in chosen)
+
+  def validate(self) -> None:
+    if self.rank < 0:
+      raise ConfigError(f"config.model.lora.rank={self.rank} must be >= 0 (0 = no adapters)")
+    if self.quantize_base not in LORA_QUANTIZE:
+      raise ConfigError(f"config.model.lora.quantize_base={self.quantize_base!r}: use one of "
+                        f"{list(LORA_QUANTIZE)} ('' = float base)")
+    if not self.target_names():
+      raise ConfigError(f"config.model.lora.targets={self.targets!r} names no kernel: use e.g. "
+                        "'q,k,v,o,mlp'")
+    if self.alpha <= 0:
+      raise ConfigError(f"config.model.lora.alpha={self.alpha} must be positive (the update is "
+                        "alpha/rank · A·B)")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f"config.model.lora.dropout={self.dropout} must be in [0, 1)")
+    if self.rank == 0 and self.quantize_base:
+      raise ConfigError(
+          f"config.model.lora.quantize_base={self.quantize_base!r} freezes a quantized base but "
+          "config.model.lora.rank=0 leaves nothing to train: set --config.model.lora.rank "
+          "(e.g. 16) or quantize_base=''")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +108,7 @@ class ModelConfig:
   # hundred tokens keep each matmul's operands in cache (docs/PERFORMANCE.md, bench_tree); on
   # accelerators leave it at 0.
   token_chunk: int = 0
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "ModelConfig":
@@ -51,6 +118,8 @@ class ModelConfig:
     if unknown:
       raise ConfigError(
           f"config.model has unknown field(s) {sorted(unknown)}; known fields: {sorted(fields)}")
+    if "lora" in values:
+      values["lora"] = LoraConfig.from_config(values["lora"])
     out = cls(**values)
     out.validate()
     return out
@@ -78,6 +147,9 @@ class ModelConfig:
     if self.remat not in ("none", "full", "dots", "dots_no_batch"):
       raise ConfigError(
           f"config.model.remat={self.remat!r}: use one of none, full, dots, dots_no_batch")
+    if not isinstance(self.lora, LoraConfig):
+      raise ConfigError(f"config.model.lora={self.lora!r} must be a LoraConfig block")
+    self.lora.validate()
 
   def num_params(self, include_embedding: bool = True) -> int:
     attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)

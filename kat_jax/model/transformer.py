@@ -14,7 +14,8 @@ whole cache with the same interval rule (cache slots keep their own tin/tout) â€
 one code path.
 
 Every parameter carries logical axis names (see kat_jax.sharding); pass ``mesh`` and ``rules`` to also
-constrain the main activations.
+constrain the main activations. ``config.model.lora`` adds low-rank adapters to the projection kernels
+and optionally stores the frozen ones quantized (kat_jax.model.lora).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from jax.sharding import Mesh
 
 from kat_jax import sharding as sharding_lib
 from kat_jax.model import attention as attention_lib
+from kat_jax.model import lora as lora_lib
 from kat_jax.model.presets import ModelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -61,6 +63,19 @@ def _param(module: nn.Module, name: str, shape, names, cfg: ModelConfig, init=No
   init = init or nn.initializers.normal(stddev=shape[0] ** -0.5 if len(shape) > 1 else 1.0)
   return module.param(name, nn.with_logical_partitioning(init, names), shape,
                       _DTYPES[cfg.param_dtype])
+
+
+def _kernel(module: nn.Module, name: str, shape, names, cfg: ModelConfig, init=None):
+  """A projection kernel [*in, *out]: the float param, or with ``config.model.lora.quantize_base``
+  its int8 / NF4 codes dequantized in the forward pass (QLoRA)."""
+  if cfg.lora.quantize_base:
+    return lora_lib.quantized_kernel(module, name, shape, names, cfg.lora.quantize_base)
+  return _param(module, name, shape, names, cfg, init)
+
+
+def _adapted(y, x, adapter):
+  """``y`` plus the low-rank update of ``x`` when the kernel has an adapter."""
+  return y if adapter is None else y + adapter(x)
 
 
 class RMSNorm(nn.Module):
@@ -114,14 +129,19 @@ class Attention(nn.Module):
   def __call__(self, x, positions, mask: attention_lib.AttentionMask, layer_cache=None):
     cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
     d, h, hkv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    wq = _param(self, "q_proj", (d, h, hd), ("embed", "heads", "head_dim"), cfg)
-    wk = _param(self, "k_proj", (d, hkv, hd), ("embed", "kv_heads", "head_dim"), cfg)
-    wv = _param(self, "v_proj", (d, hkv, hd), ("embed", "kv_heads", "head_dim"), cfg)
-    wo = _param(self, "o_proj", (h, hd, d), ("heads", "head_dim", "embed"), cfg,
-                nn.initializers.normal(stddev=(h * hd) ** -0.5))
-    q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dtype))
-    k = jnp.einsum("btd,dhk->bthk", x, wk.astype(dtype))
-    v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dtype))
+    shapes = {"q_proj": ((d, h, hd), ("embed", "heads", "head_dim")),
+              "k_proj": ((d, hkv, hd), ("embed", "kv_heads", "head_dim")),
+              "v_proj": ((d, hkv, hd), ("embed", "kv_heads", "head_dim")),
+              "o_proj": ((h, hd, d), ("heads", "head_dim", "embed"))}
+    wq = _kernel(self, "q_proj", *shapes["q_proj"], cfg)
+    wk = _kernel(self, "k_proj", *shapes["k_proj"], cfg)
+    wv = _kernel(self, "v_proj", *shapes["v_proj"], cfg)
+    wo = _kernel(self, "o_proj", *shapes["o_proj"], cfg,
+                 nn.initializers.normal(stddev=(h * hd) ** -0.5))
+    adapters = {n: lora_lib.adapter(cfg, n, *shapes[n], dtype) for n in shapes}
+    q = _adapted(jnp.einsum("btd,dhk->bthk", x, wq.astype(dtype)), x, adapters["q_proj"])
+    k = _adapted(jnp.einsum("btd,dhk->bthk", x, wk.astype(dtype)), x, adapters["k_proj"])
+    v = _adapted(jnp.einsum("btd,dhk->bthk", x, wv.astype(dtype)), x, adapters["v_proj"])
     if cfg.qkv_bias:
       zeros = nn.initializers.zeros
       q = q + _param(self, "q_bias", (h, hd), ("heads", "head_dim"), cfg, zeros).astype(dtype)
@@ -149,7 +169,7 @@ class Attention(nn.Module):
       out = attention_lib.dense_attention_general(q, cache_k[layer], cache_v[layer], mask.tin,
                                                   cache_tin, cache_tout)
       new_cache = (cache_k, cache_v)
-    y = jnp.einsum("bthk,hkd->btd", out, wo.astype(dtype))
+    y = _adapted(jnp.einsum("bthk,hkd->btd", out, wo.astype(dtype)), out, adapters["o_proj"])
     return y, new_cache
 
 
@@ -189,15 +209,20 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
-    wg = _param(self, "gate_proj", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), cfg)
-    wu = _param(self, "up_proj", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), cfg)
-    wd = _param(self, "down_proj", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), cfg)
+    shapes = {"gate_proj": ((cfg.d_model, cfg.mlp_dim), ("embed", "mlp")),
+              "up_proj": ((cfg.d_model, cfg.mlp_dim), ("embed", "mlp")),
+              "down_proj": ((cfg.mlp_dim, cfg.d_model), ("mlp", "embed"))}
+    wg = _kernel(self, "gate_proj", *shapes["gate_proj"], cfg)
+    wu = _kernel(self, "up_proj", *shapes["up_proj"], cfg)
+    wd = _kernel(self, "down_proj", *shapes["down_proj"], cfg)
+    adapters = {n: lora_lib.adapter(cfg, n, *shapes[n], dtype) for n in shapes}
 
     def mlp(x):
-      hidden = nn.silu(x @ wg.astype(dtype)) * (x @ wu.astype(dtype))
+      gate = _adapted(x @ wg.astype(dtype), x, adapters["gate_proj"])
+      hidden = nn.silu(gate) * _adapted(x @ wu.astype(dtype), x, adapters["up_proj"])
       hidden = sharding_lib.constrain(hidden, ("act_batch", "act_length", "act_mlp"), self.mesh,
                                       self.rules)
-      return hidden @ wd.astype(dtype)
+      return _adapted(hidden @ wd.astype(dtype), hidden, adapters["down_proj"])
 
     return token_slices(mlp, x, cfg.token_chunk)
 

@@ -380,7 +380,7 @@ class AsyncRL:
       from kat_jax.sample import Sampler
       sampler = Sampler(stage.trainer.model, None, max_len=sampler.max_len, mesh=mesh,
                         rules=stage.trainer.rules)
-    self.placer = self.plan.params_placer(stage.trainer.shardings.params, mesh)
+    self.placer = self.plan.params_placer(stage.trainer.params_shardings, mesh)
     end = rl.iterations if end_iteration is None else end_iteration
     self.manager = TrajectoryManager(
         batch_groups=self.B, group_size=rl.group_size, eta=m.eta, make_ticket=self._ticket,

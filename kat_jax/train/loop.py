@@ -79,4 +79,6 @@ def load_state(config: ml_collections.ConfigDict, workdir: str, step: Optional[i
   trainer.close()
   if trainer.restored_step is None:
     raise FileNotFoundError(f"no checkpoint in {trainer.checkpointer.directory}")
-  return trainer.state, trainer.model, trainer.mesh, trainer.restored_step
+  # A LoRA run's state holds the adapters only: give the callers base + adapters.
+  return (trainer.state.replace(params=trainer.params), trainer.model, trainer.mesh,
+          trainer.restored_step)

@@ -4,10 +4,15 @@ micro-batches) → optax update, compiled with explicit in/out shardings and a d
 A stage only chooses the ``Loss`` (see kat_jax.train.losses); the step never changes. A step whose loss
 or gradient norm is not finite leaves the state untouched and reports ``finite = 0`` so the loop can stop
 with the last good state and checkpoint.
+
+LoRA (``frozen_shardings``): the state holds the adapters only and the step takes the frozen base as
+a fourth argument — never differentiated, never donated, no optimizer state — and the model sees
+``combine(frozen, state.params)``; gradients exist for the adapters alone.
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -88,13 +93,29 @@ def maybe_prune(apply_fn: Callable, params, batch: dict, train_cfg) -> tuple[dic
 
 
 def make_train_step(apply_fn: Callable, loss: Loss, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, train_cfg, state_shardings, mesh, rules):
+                    schedule: optax.Schedule, train_cfg, state_shardings, mesh, rules, *,
+                    frozen_shardings: Any = None,
+                    combine: Optional[Callable[[Any, Any], Any]] = None,
+                    dropout_rng: bool = False):
+  """The jitted ``(state, batch, rng) -> (state, metrics)``; with ``frozen_shardings`` (LoRA)
+  ``(state, batch, rng, frozen)``, the model's params being ``combine(frozen, state.params)``.
+  ``dropout_rng``: the loss's forward passes get a per-step ``dropout`` RNG (LoRA dropout)."""
   accum = int(train_cfg.grad_accum_steps)
+  if frozen_shardings is not None and combine is None:
+    raise ValueError("make_train_step: frozen_shardings needs combine(frozen, trainable)")
 
-  def step(state: TrainState, batch: dict, rng: jax.Array):
-    ctx = LossContext(apply_fn=apply_fn, config=train_cfg, rng=jax.random.fold_in(rng, state.step))
-    batch, prune_metrics = maybe_prune(apply_fn, state.params, batch, train_cfg)
-    value, metric_sums, denom, grads = loss_and_grads(state.params, batch, loss, ctx, accum)
+  def step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any = None):
+    step_rng = jax.random.fold_in(rng, state.step)
+    full = (lambda p: p) if frozen is None else (lambda p: combine(frozen, p))
+    loss_apply = apply_fn
+    if dropout_rng:
+      loss_apply = functools.partial(apply_fn, rngs={"dropout": jax.random.fold_in(step_rng, 1)})
+    ctx = LossContext(apply_fn=loss_apply, config=train_cfg, rng=step_rng)
+    batch, prune_metrics = maybe_prune(apply_fn, full(state.params), batch, train_cfg)
+    trained_loss = loss if frozen is None else Loss(
+        numerator=lambda p, mb, c: loss.numerator(full(p), mb, c), denominator=loss.denominator)
+    value, metric_sums, denom, grads = loss_and_grads(state.params, batch, trained_loss, ctx,
+                                                      accum)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -109,8 +130,11 @@ def make_train_step(apply_fn: Callable, loss: Loss, tx: optax.GradientTransforma
 
   batch_sh = sharding_lib.batch_sharding(mesh, rules)
   rep = sharding_lib.replicated(mesh)
-  return jax.jit(step, in_shardings=(state_shardings, batch_sh, rep),
-                 out_shardings=(state_shardings, rep), donate_argnums=(0,))
+  in_shardings = (state_shardings, batch_sh, rep)
+  if frozen_shardings is not None:
+    in_shardings += (frozen_shardings,)
+  return jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, rep),
+                 donate_argnums=(0,))
 
 
 def make_eval_step(apply_fn: Callable, loss: Loss, train_cfg, state_shardings, mesh, rules):

@@ -31,6 +31,14 @@ changed model is a ``ConfigError`` naming each parameter (``kat_jax.checkpoint``
 The reference params (``config.train.use_reference``) are the run's starting point — the
 ``init_from`` checkpoint, else the seed's fresh init — re-created the same way on restore, sharded
 like the params and never updated.
+
+LoRA (``config.model.lora.rank > 0``, kat_jax.model.lora): the train state — optimizer moments and
+checkpoints included — holds the adapters only; the frozen base (``trainer.base``: ``init_from``,
+else the seed's fresh init, int8 / NF4-quantized with ``quantize_base``) is re-created on every
+start, never checkpointed, and passed to the step beside the state. ``trainer.params`` is base and
+adapters together (what ``model.apply`` and a sampler take); ``trainer.reference_params`` is the base
+with zero adapters — the base itself, no second copy. ``WORKDIR/lora_run.json`` names the base, so
+a restart on another base is refused and ``experiments.convert`` can export the merged model.
 """
 from __future__ import annotations
 
@@ -50,6 +58,7 @@ from kat_jax import errors
 from kat_jax import sharding as sharding_lib
 from kat_jax import workdir as workdir_lib
 from kat_jax.model import ModelConfig, Transformer
+from kat_jax.model import lora as lora_lib
 from kat_jax.model.attention import intervals_from_segment_ids
 from kat_jax.train import losses, metrics as metrics_lib, optimizer, stages
 from kat_jax.train import state as state_lib
@@ -142,23 +151,43 @@ class Trainer:
     self.total_steps = train_cfg.steps if total_steps is None else total_steps
     self._example = {"inputs": jax.ShapeDtypeStruct((train_cfg.batch_size, train_cfg.seq_len),
                                                     np.int32)}
+    self.lora = lora_lib.enabled(self.model_cfg)
     self.abstract, self.shardings = state_lib.abstract_state(
-        self.model, self.tx, self._example, self.mesh, self.rules)
+        self.model, self.tx, self._example, self.mesh, self.rules,
+        trainable=lora_lib.adapters_of if self.lora else None)
+    self.base: Any = None
+    self.params_shardings = self.shardings.params
+    if self.lora:
+      base_abstract = lora_lib.split(lora_lib.abstract_params(self.model_cfg, self.mesh,
+                                                              self.rules))[0]
+      self.base_shardings = jax.tree.map(lambda a: a.sharding, base_abstract)
+      self.params_shardings = lora_lib.combine(self.base_shardings, self.shardings.params)
     self.checkpointer = checkpoint_lib.Checkpointer(
         workdir_lib.checkpoints_dir(workdir), save_every=train_cfg.checkpoint_every,
         keep=train_cfg.keep_checkpoints, async_save=train_cfg.async_checkpoint,
         cleanup_partial=self._writable)
     self.extra_state: Any = {}
     self.restored_step: Optional[int] = None
-    if restore_step is not None or self.checkpointer.latest_step() is not None:
+    resuming = restore_step is not None or self.checkpointer.latest_step() is not None
+    if self.lora:
+      self._check_lora_run(resuming)
+      self.base = lora_lib.initial_base(self.model_cfg, self.mesh, self.rules,
+                                        init_from=config.init_from, seed=config.seed)
+      if config.init_from and not resuming:
+        metrics_lib.console(f"initialized the LoRA base from {config.init_from}")
+    if resuming:
       self.restore(restore_step)
     else:
       self.state = self._initial_state()
-    self.reference_params = self._initial_params() if train_cfg.use_reference else None
+    self.reference_params = None
+    if train_cfg.use_reference:
+      self.reference_params = (self._lora_reference() if self.lora else self._initial_params())
     self._rng = jax.random.key(config.seed + 1)
+    lora_step = dict(frozen_shardings=self.base_shardings, combine=lora_lib.combine,
+                     dropout_rng=self.model_cfg.lora.dropout > 0) if self.lora else {}
     self._train_step = step_lib.make_train_step(
         self.model.apply, self.loss, self.tx, self.schedule, train_cfg, self.shardings, self.mesh,
-        self.rules)
+        self.rules, **lora_step)
     self._eval_step = None
     self._score_step = None
     self._last_log = (time.perf_counter(), self.step_count)
@@ -172,20 +201,46 @@ class Trainer:
 
   @property
   def params(self) -> Any:
-    """The current params (sharded); valid until the next ``step`` (the step donates the state)."""
+    """The current params (sharded; a LoRA run's base and adapters together); valid until the next
+    ``step`` (the step donates the state)."""
+    if self.lora:
+      return lora_lib.combine(self.base, self.state.params)
     return self.state.params
+
+  def _check_lora_run(self, resuming: bool) -> None:
+    """Refuses to resume a LoRA run on another base (its adapters would silently change meaning);
+    records the base of a new run in ``lora_run.json``."""
+    info = lora_lib.run_info(self.config)
+    saved = lora_lib.read_run_info(self.workdir)
+    if resuming and saved is not None:
+      diffs = lora_lib.base_differences(saved, info)
+      if diffs:
+        raise errors.ConfigError(
+            f"{self.workdir} holds a LoRA run whose adapters were trained on another base "
+            f"({'; '.join(diffs)}; see {lora_lib.RUN_INFO_FILENAME}): restore those values, or use "
+            "a new --workdir")
+    if self._writable and jax.process_index() == 0 and (saved is None or not resuming):
+      lora_lib.write_run_info(self.workdir, info)
+
+  def _lora_reference(self) -> Any:
+    """The base with zero adapters: the LoRA run's starting model, sharing the base's arrays."""
+    zeros = jax.jit(lora_lib.zeros_like, out_shardings=self.shardings.params)(self.state.params)
+    return lora_lib.combine(self.base, zeros)
 
   @property
   def step_count(self) -> int:
     return self._step_count
 
   def _fresh_state(self) -> state_lib.TrainState:
-    state, _ = state_lib.create_sharded_state(self.model, self.tx, self._example, self.mesh,
-                                              self.rules, jax.random.key(self.config.seed))
+    state, _ = state_lib.create_sharded_state(
+        self.model, self.tx, self._example, self.mesh, self.rules, jax.random.key(self.config.seed),
+        trainable=lora_lib.adapters_of if self.lora else None)
     return state
 
   def _initial_params(self) -> Any:
     """The run's starting params: ``init_from`` if set, else the seed's fresh init (a new copy)."""
+    if self.lora:
+      return lora_lib.combine(self.base, self._fresh_state().params)
     if self.config.init_from:
       from kat_jax.model import hf as hf_lib
       return hf_lib.init_params_from(self.config.init_from, self.abstract.params, self.model_cfg)
@@ -193,8 +248,8 @@ class Trainer:
 
   def _initial_state(self) -> state_lib.TrainState:
     self._step_count = 0
-    if not self.config.init_from:
-      return self._fresh_state()
+    if not self.config.init_from or self.lora:
+      return self._fresh_state()      # LoRA: fresh adapters (b = 0) on the base from init_from
     # A pretrained start (an HF checkpoint directory or a kat_jax workdir[@step]): params placed
     # directly into their shards, fresh optimizer state.
     params = self._initial_params()
@@ -239,7 +294,8 @@ class Trainer:
     for finiteness every ``config.train.check_finite_every`` steps (``check_finite``). Raises
     ``CheckpointWriteError`` first if an asynchronous save has failed since the last step."""
     self.checkpointer.check()
-    self.state, metrics = self._train_step(self.state, self.to_global(batch), self._rng)
+    frozen = (self.base,) if self.lora else ()
+    self.state, metrics = self._train_step(self.state, self.to_global(batch), self._rng, *frozen)
     self._step_count += 1
     if self._step_count % self.config.train.check_finite_every == 0:
       self.check_finite(metrics)
@@ -264,8 +320,9 @@ class Trainer:
     """Loss (and metric) means over ``num_batches`` (default ``config.train.eval_steps``) batches
     of a fresh iterator, each summed exactly (numerator / denominator over all of them)."""
     if self._eval_step is None:
-      self._eval_step = step_lib.make_eval_step(self.model.apply, self.loss, self.config.train,
-                                                self.shardings, self.mesh, self.rules)
+      self._eval_step = step_lib.make_eval_step(
+          self.model.apply, self.loss, self.config.train,
+          self.shardings.replace(params=self.params_shardings), self.mesh, self.rules)
     it = make_iterator()
     sums: dict[str, float] = {}
     for _ in range(num_batches or self.config.train.eval_steps):
@@ -285,7 +342,7 @@ class Trainer:
       batch_sh = sharding_lib.batch_sharding(self.mesh, self.rules)
       chunk, apply_fn = self.config.train.logits_chunk, self.model.apply
       self._score_step = jax.jit(lambda p, b: score_fn(apply_fn, p, b, chunk),
-                                 in_shardings=(self.shardings.params, batch_sh),
+                                 in_shardings=(self.params_shardings, batch_sh),
                                  out_shardings=batch_sh)
     out = self._score_step(self.params if params is None else params, self.to_global(batch))
     spec = sharding_lib.batch_sharding(self.mesh, self.rules).spec

@@ -7,6 +7,8 @@
 * a kat_jax workdir (``WORKDIR/checkpoints/<step>/``): only ``state.params`` is restored, whether the
   checkpoint is a full trainer ``TrainState`` (the previous stage of a chain) or the params-only
   checkpoint that ``experiments.convert`` writes. Append ``@STEP`` to pick a step (default: latest).
+  A LoRA run's workdir (``lora_run.json``) gives its base with its adapters merged in
+  (``kat_jax.model.lora.load_merged``).
 
 Params-only checkpoints use the trainer's layout (``Checkpointer``: items ``state`` and ``data``) with
 ``state = {"params": params}`` and ``data = {"format": PARAMS_ONLY_FORMAT, ...}`` at step 0, beside
@@ -27,6 +29,7 @@ import orbax.checkpoint as ocp
 
 from kat_jax import checkpoint as checkpoint_lib
 from kat_jax import workdir as workdir_lib
+from kat_jax.model import lora as lora_lib
 from kat_jax.model.hf import config as config_lib
 from kat_jax.model.hf import weights
 from kat_jax.model.presets import ModelConfig
@@ -167,6 +170,11 @@ def init_params_from(path: str, abstract: Any, model_cfg: Optional[ModelConfig] 
     if model_cfg is not None:
       check_same_model(model_cfg, hf_model, f"{path}/config.json")
     return weights.load_hf_params(path, abstract, hf_model_cfg=ModelConfig.from_config(hf_model))
+  if lora_lib.is_lora_workdir(path):
+    if model_cfg is not None:
+      check_same_model(model_cfg, ml_collections.ConfigDict(
+          lora_lib.read_run_info(path)["model"]), f"{path}/{lora_lib.RUN_INFO_FILENAME}")
+    return lora_lib.load_merged(path, abstract, step)
   saved = read_model_config(path)
   if model_cfg is not None and saved is not None:
     check_same_model(model_cfg, saved, f"{path}/{workdir_lib.MODEL_CONFIG_FILENAME}")

@@ -186,8 +186,11 @@ def export_hf(params: Any, model_cfg: ModelConfig, out_dir: str, *, torch_dtype:
   covered = {s.path for s in specs}
   extra = sorted("/".join(p) for p in flat if p not in covered and p[0] not in _KAT_ONLY)
   if extra:
+    lora_hint = (" (LoRA adapters or quantized kernels: export kat_jax.model.lora.merge(params, "
+                 "cfg) with the plain config, lora.plain_config(cfg))"
+                 if any(p.endswith(("_lora/a", "_lora/b", "_scale")) for p in extra) else "")
     raise ValueError(f"params {extra[:5]} have no Hugging Face counterpart for {model_cfg}; "
-                     "they do not belong to the model config given")
+                     f"they do not belong to the model config given{lora_hint}")
   writer = (safetensors_io.ShardedWriter(out_dir, max_shard_bytes)
             if jax.process_index() == 0 else None)
   for spec in specs:
