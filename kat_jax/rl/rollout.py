@@ -739,7 +739,8 @@ def assistant_turn_tokens(message: chat.Message, tokenizer) -> np.ndarray:
   """The ids of an assistant turn written by someone else (a teacher), as if sampled: its body
   as ``chat.render`` encodes it, then ``<|im_end|>`` (what a sampled turn ends with)."""
   header = chat.render_pieces(chat.Conversation(()), add_generation_prompt=True)
-  whole = chat.render_pieces(chat.Conversation((message,)))
+  # The loss flag (a teacher's untrained turn: train=False) changes no token: render as default.
+  whole = chat.render_pieces(chat.Conversation((dataclasses.replace(message, train=None),)))
   footer = _assistant_footer()
   if whole[:len(header)] != header or whole[len(whole) - len(footer):] != footer:
     raise RuntimeError("chat no longer renders an assistant turn as generation prompt, body, "

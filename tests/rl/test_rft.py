@@ -66,6 +66,13 @@ def test_teachers_are_verified_and_distinct(pool, teachers, task):
   assert fix.calls == ("run_tests", "run_tests", "submit") and fix.final_code == task.solution
   assert found[0].calls == ("submit",)
   assert len({t.actions for t in found}) == 3
+  # Every teacher turn can be spliced, the untrained mutant turn of code_fix too: its ids are
+  # chat's rendering of the turn (body, then <|im_end|>).
+  assert fix.messages[0].train is False
+  for message in direct.messages + fix.messages:
+    ids = rollout.assistant_turn_tokens(message, TOK)
+    rendered = chat.render(chat.Conversation((message,)), TOK).tokens
+    np.testing.assert_array_equal(ids, rendered[len(rendered) - len(ids) - 1:-1])
   # A source that the environment does not pass is reported, never kept.
   broken = dataclasses.replace(task, solution="def nothing():\n  pass\n")
   kept, why = rft.teachers_for(broken, ("reference",), make_env(pool), env_tools=True)
