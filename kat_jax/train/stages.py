@@ -169,3 +169,11 @@ def _sft_data(config, workdir, *, split, batch_size, seed, shard_index, shard_co
 
 
 register(Stage("sft", loss="lm", make_data=_sft_data))
+
+
+def _chain_run(config, workdir):
+  from kat_jax.train import chain   # stages in order, each from the previous one's checkpoint
+  return chain.run_chain(config, workdir)
+
+
+register(Stage("chain", loss="lm", run=_chain_run))
