@@ -46,6 +46,8 @@ from typing import Any, Optional, Sequence
 
 from absl import app, flags
 
+from kat_jax.eval.agentic import classify_turns
+
 FLAGS = flags.FLAGS
 
 
@@ -67,26 +69,6 @@ def define_flags() -> None:
   flags.DEFINE_integer("instructions", 200, "Instruction-following examples.")
   flags.DEFINE_bool("measure_only", False,
                     "Sample the run trained in --workdir again (no data, no training).")
-
-
-def classify_turns(trajectory, tokenizer, tools) -> list[dict]:
-  """Per sampled turn: ``valid`` (parses into >= 1 tool call), ``schema`` (and every call's
-  arguments fit its tool), ``attempted`` (the text opens a ``<tool_call>``) and ``error`` (the
-  parse error's kind, or None)."""
-  from kat_jax.data import special_tokens, toolcall
-  from kat_jax.rl.envs.tools import check_arguments
-  by_name = {t.name: t for t in tools}
-  out = []
-  for turn in range(trajectory.num_turns):
-    text = tokenizer.decode(trajectory.tokens[trajectory.sampled & (trajectory.turn == turn)])
-    parsed = toolcall.parse_assistant_output(text, tools)
-    error = parsed.kind if isinstance(parsed, toolcall.ParseError) else None
-    calls = () if error else parsed.tool_calls
-    out.append({"valid": bool(calls), "error": error,
-                "attempted": special_tokens.TOOL_CALL_OPEN in text,
-                "schema": bool(calls) and all(check_arguments(by_name[c.name], c.arguments)
-                                              is None for c in calls)})
-  return out
 
 
 def tool_call_share(model, params, tokenizer, tasks: Sequence[Any], pool, *, max_turns: int,

@@ -199,12 +199,12 @@ def plan(config: ml_collections.ConfigDict, workdir: str,
     section = config.chain[name]
     if not isinstance(section, ml_collections.ConfigDict) or "stage" not in section:
       raise ConfigError(f"config.chain.{name} must be a full stage config (with a 'stage' field), "
-                        f"e.g. configs/midtrain_tiny.get_config()")
+                        "e.g. configs/midtrain_tiny.get_config()")
     cfg = copy.deepcopy(section)
     try:
       if cfg.stage == "chain":
-        raise ConfigError(f"config.stage='chain': a chain does not nest chains; list the inner "
-                          f"stages in config.chain.stages instead")
+        raise ConfigError("config.stage='chain': a chain does not nest chains; list the inner "
+                          "stages in config.chain.stages instead")
       stages.get_stage(cfg.stage)
       if plans:
         prev = plans[-1]

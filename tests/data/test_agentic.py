@@ -342,7 +342,7 @@ def test_tool_call_measure_counts_expert_turns_valid_and_broken_ones_not(pool, t
   """The learning measurement (experiments/bench_sft_toolcalls.py) on turns whose verdict is
   known: an expert's are valid tool calls; the same with a brace dropped or a tag missing are not."""
   from types import SimpleNamespace
-  from experiments.bench_sft_toolcalls import classify_turns
+  from kat_jax.eval.agentic import classify_turns
   episode = run(pool, "code_direct", tasks["code"][0])
   tools = episode.conversation.tools
   bodies = [chat.render_assistant_body(m) + special_tokens.IM_END
