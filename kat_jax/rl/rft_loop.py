@@ -28,6 +28,7 @@ from kat_jax.data.config import split_list
 from kat_jax.errors import ConfigError
 from kat_jax.rl import envs as envs_lib
 from kat_jax.rl import loop as rl_loop
+from kat_jax.rl import manager as manager_lib
 from kat_jax.rl import rft as rft_lib
 from kat_jax.rl import rollout as rollout_lib
 from kat_jax.rl.envs import base as env_base
@@ -47,7 +48,7 @@ def validate(config) -> None:
   if rl.rollout.fork_turns:
     raise ConfigError(f"config.rl.rollout.fork_turns={rl.rollout.fork_turns} with "
                       "config.stage='rft': RFT branches only by correction; set fork_turns=0")
-  if rl.manager.enabled or rl.manager.eta > 0 or rl.executor != "inprocess":
+  if manager_lib.enabled(config):
     raise ConfigError("config.stage='rft' runs the synchronous loop: set config.rl.manager.enabled"
                       "=False, config.rl.manager.eta=0 and config.rl.executor='inprocess'")
   want = rl.group_size + rft_lib.branches_per_group(rl.rft)
@@ -197,7 +198,6 @@ class RFTStage(rl_loop.RLStage):
 
 def train(config: ml_collections.ConfigDict, workdir: str,
           max_iterations: Optional[int] = None, tokenizer=None) -> dict[str, Any]:
-  """Runs the RFT stage in ``workdir``: the RL stage's loop with ``RFTStage``."""
-  validate(config)
+  """Runs the RFT stage in ``workdir``: the RL stage's loop with ``RFTStage`` (which validates)."""
   return rl_loop.train(config, workdir, max_iterations, tokenizer=tokenizer,
                        stage_cls=RFTStage)
