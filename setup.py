@@ -31,6 +31,7 @@ EXTRAS = {
     "test": [
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",
+        "filelock==4.3.1",      # the file locks of the tests' shared XLA compilation cache
         "hypothesis==6.170.15",
         "rlax==0.1.9",          # the reference GAE the advantage tests compare against
     ],

@@ -114,16 +114,21 @@ def test_score_equals_plain_model_and_first_ratio_is_one(tmp_path):
   scores = trainer.score(batch)
   plain = Transformer(ModelConfig.from_config(config.model))
   params = jax.device_get(trainer.params)
-  for b, tree in enumerate(trees):
-    for k in range(tree.num_traj):
-      tokens = jnp.asarray(tree.trajectory_tokens(k))[None]
-      out = plain.apply({"params": params}, tokens, jnp.arange(tokens.shape[1])[None],
-                        intervals_from_segment_ids(jnp.ones_like(tokens)))
-      logp, ent = pairs_from_flat(out.logits, tokens)
-      n = tokens.shape[1] - 1
-      np.testing.assert_allclose(scores["logp"][b, k, :n], logp[0], atol=1e-5)
-      np.testing.assert_allclose(scores["entropy"][b, k, :n], ent[0], atol=1e-5)
-      np.testing.assert_allclose(scores["values"][b, k, :n], out.values[0, :n], atol=1e-5)
+  # Every trajectory alone, as a row of one causal batch (zero-padded at the end, which no earlier
+  # position sees): one compiled forward instead of an eager one per trajectory.
+  trajs = [(b, k, tree.trajectory_tokens(k)) for b, tree in enumerate(trees)
+           for k in range(tree.num_traj)]
+  width = max(len(t) for _, _, t in trajs)
+  tokens = jnp.asarray([list(t) + [0] * (width - len(t)) for _, _, t in trajs], jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(width), tokens.shape)
+  out = jax.jit(plain.apply)({"params": params}, tokens, positions,
+                             intervals_from_segment_ids(jnp.ones_like(tokens)))
+  logp, ent = pairs_from_flat(out.logits, tokens)
+  for row, (b, k, t) in enumerate(trajs):
+    n = len(t) - 1
+    np.testing.assert_allclose(scores["logp"][b, k, :n], logp[row, :n], atol=1e-5)
+    np.testing.assert_allclose(scores["entropy"][b, k, :n], ent[row, :n], atol=1e-5)
+    np.testing.assert_allclose(scores["values"][b, k, :n], out.values[row, :n], atol=1e-5)
 
   # The step's own log-probs equal the scored ones: with old_logp = score, every ratio is 1.
   old = np.zeros(batch["field/weight"].shape, np.float32)
