@@ -23,7 +23,8 @@ The stages (configs/midtrain_tiny.py, sft_tiny.py, rft_tiny.py, rl_tiny.py, shor
   corrected branches, relative reward); 2 iterations of 4 tasks × 4 rollouts.
 * ``rl``: GRPO on single-turn procedural code tasks; 4 iterations of 8 tasks × 8 samples.
 * evaluation after each stage (``chain.eval``): 8 code tasks and 4 repositories, 2 turns of at
-  most 192 tokens each, and 8 HumanEval problems.
+  most 192 tokens each, 16 single-turn code tasks (the RL stage's layout) and 8 HumanEval
+  problems.
 
 Measured wall times on a quiet 2-core machine: not measured yet (docs/PIPELINE.md). Earlier
 measurements of the full stages: mid-training 600 steps × 8 × 256 about 9 min; SFT 300 steps ×

@@ -16,6 +16,11 @@ Suites (``SUITES``, each on or off by its config flag):
   tools — the layout of the SFT teacher trajectories): pass rate (hidden tests), mean assistant
   turns, the share of sampled turns that parse as valid tool calls (``classify_turns``; and of
   those whose arguments also fit the tool's schema), submissions and statuses.
+* ``code_single``: ``cfg.code_single_tasks`` held-out procedural function tasks in the
+  single-turn ``code_single`` environment laid out as mid-training's procedural data and the RL
+  stage of configs/rl_tiny.py (no system turn, no listed tests): one answer of at most
+  ``cfg.code_single_max_new_tokens`` tokens, graded on the hidden tests — the task the tiny
+  chain's mid-training and RL train, so the stage chart shows what they add.
 * ``repo``: ``cfg.repo_tasks`` held-out procedural repositories (``repos.make_repo_task``,
   ``heldout`` split) in the ``repo`` environment: resolve rate (FAIL_TO_PASS and PASS_TO_PASS
   all pass), mean turns, tool-call shares, submissions.
@@ -42,7 +47,7 @@ from kat_jax.data.config import split_list
 from kat_jax.errors import ConfigError
 
 CONFIG_PATH = "config.chain.eval"   # where the section lives in a chain config (error messages)
-SUITES = ("code", "repo", "humaneval")
+SUITES = ("code", "code_single", "repo", "humaneval")
 OBSERVATION_SLACK = 16   # cache slots per turn beyond its tokens and observation (turn markers)
 
 
@@ -50,9 +55,12 @@ def default_agentic_eval_config() -> ml_collections.ConfigDict:
   """Every knob of the held-out evaluation (``config.chain.eval`` of a chain)."""
   c = ml_collections.ConfigDict()
   c.code = True                    # held-out procedural function tasks in the 'code' env
+  c.code_single = True             # held-out procedural function tasks, one answer, no tools
   c.repo = True                    # held-out procedural repositories in the 'repo' env
   c.humaneval = True               # HumanEval pass@1 (greedy completions)
   c.code_tasks = 8                 # episodes of the code suite
+  c.code_single_tasks = 16         # episodes of the code_single suite
+  c.code_single_max_new_tokens = 96   # tokens of one code_single answer
   c.repo_tasks = 4                 # episodes of the repo suite
   c.humaneval_tasks = 8            # the first N HumanEval problems (0 = all 164)
   c.max_turns = 3                  # assistant turns per episode (code, repo)
@@ -79,7 +87,8 @@ def validate_config(cfg: ml_collections.ConfigDict, path: str = CONFIG_PATH) -> 
     if field not in cfg:
       raise ConfigError(f"{path}.{field} is missing: start from "
                         "agentic.default_agentic_eval_config()")
-  for field, low in (("code_tasks", 1), ("repo_tasks", 1), ("humaneval_tasks", 0),
+  for field, low in (("code_tasks", 1), ("code_single_tasks", 1),
+                     ("code_single_max_new_tokens", 1), ("repo_tasks", 1), ("humaneval_tasks", 0),
                      ("max_turns", 1), ("max_new_tokens", 1), ("max_observation_tokens", 0),
                      ("humaneval_max_new_tokens", 1), ("sandbox_workers", 1),
                      ("env_threads", 1)):
@@ -105,10 +114,12 @@ def enabled_suites(cfg: ml_collections.ConfigDict) -> list[str]:
 
 # -- tasks ------------------------------------------------------------------------------------
 
-def heldout_code_tasks(cfg: ml_collections.ConfigDict) -> list:
-  """The code suite's tasks: ``cfg.code_tasks`` distinct held-out procedural tasks."""
+def heldout_code_tasks(cfg: ml_collections.ConfigDict, num_tasks: Optional[int] = None) -> list:
+  """The code suite's tasks: ``cfg.code_tasks`` (or ``num_tasks``) distinct held-out procedural
+  tasks; a shorter list is a prefix of a longer one."""
   from kat_jax.data import procedural
-  return procedural.generate_tasks(seed=int(cfg.seed), num_tasks=int(cfg.code_tasks),
+  num_tasks = int(cfg.code_tasks if num_tasks is None else num_tasks)
+  return procedural.generate_tasks(seed=int(cfg.seed), num_tasks=num_tasks,
                                    split="heldout",
                                    levels=tuple(int(v) for v in split_list(cfg.code_levels)),
                                    heldout_fraction=float(cfg.heldout_fraction))
@@ -247,31 +258,37 @@ class AgenticEvaluator:
     self._sampler = None
 
 
-def _rollout_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def _rollout_config(cfg: ml_collections.ConfigDict, max_turns: int,
+                    max_new_tokens: int) -> ml_collections.ConfigDict:
   from kat_jax.rl import rollout
   c = rollout.default_rollout_config()
-  c.update(dict(max_turns=int(cfg.max_turns), max_new_tokens=int(cfg.max_new_tokens),
-                temperature=0.0, max_observation_tokens=int(cfg.max_observation_tokens),
+  c.update(dict(max_turns=max_turns, max_new_tokens=max_new_tokens, temperature=0.0,
+                max_observation_tokens=int(cfg.max_observation_tokens),
                 env_threads=int(cfg.env_threads)))
   return c
 
 
-def _episodes(evaluator: AgenticEvaluator, env_name: str, model, params, tokenizer,
-              seed: int) -> tuple[list, list]:
-  """Greedy episodes of ``params`` on the suite's tasks in ``env_name`` (its default config):
+def _episodes(evaluator: AgenticEvaluator, suite: str, env_name: str, model, params, tokenizer,
+              seed: int, env_config: Optional[ml_collections.ConfigDict] = None,
+              max_turns: Optional[int] = None,
+              max_new_tokens: Optional[int] = None) -> tuple[list, list]:
+  """Greedy episodes of ``params`` on the suite's tasks in ``env_name`` (``env_config``, default:
+  the environment's own), ``cfg.max_turns`` turns of ``cfg.max_new_tokens`` unless given:
   (trajectories, per-turn classification)."""
   import jax
   from kat_jax.data import chat
   from kat_jax.rl import envs, rollout
-  cfg, tasks = evaluator.cfg, evaluator.tasks(env_name)
-  env_list = [envs.make(env_name, None, pool=evaluator.pool) for _ in tasks]
+  cfg, tasks = evaluator.cfg, evaluator.tasks(suite)
+  max_turns = int(cfg.max_turns if max_turns is None else max_turns)
+  max_new_tokens = int(cfg.max_new_tokens if max_new_tokens is None else max_new_tokens)
+  env_list = [envs.make(env_name, env_config, pool=evaluator.pool) for _ in tasks]
   try:
     prompt = max(len(chat.render_prompt(chat.Conversation(e.reset(t).messages, e.tools),
                                         tokenizer)) for e, t in zip(env_list, tasks))
-    per_turn = cfg.max_new_tokens + cfg.max_observation_tokens + OBSERVATION_SLACK
-    sampler = evaluator.sampler(model, params, prompt + cfg.max_turns * per_turn)
+    per_turn = max_new_tokens + cfg.max_observation_tokens + OBSERVATION_SLACK
+    sampler = evaluator.sampler(model, params, prompt + max_turns * per_turn)
     trajectories = rollout.rollout(sampler, env_list, tasks, jax.random.key(seed),
-                                   _rollout_config(cfg), tokenizer)
+                                   _rollout_config(cfg, max_turns, max_new_tokens), tokenizer)
     turns = [classify_turns(t, tokenizer, e.tools) for t, e in zip(trajectories, env_list)]
   finally:
     for env in env_list:
@@ -280,12 +297,31 @@ def _episodes(evaluator: AgenticEvaluator, env_name: str, model, params, tokeniz
 
 
 def _code_suite(evaluator, model, params, tokenizer, seed: int) -> dict:
-  trajectories, turns = _episodes(evaluator, "code", model, params, tokenizer, seed)
+  trajectories, turns = _episodes(evaluator, "code", "code", model, params, tokenizer, seed)
   return episode_metrics(trajectories, turns)
 
 
+def single_turn_env_config() -> ml_collections.ConfigDict:
+  """The ``code_single`` layout of the suite: as configs/rl_tiny.py's RL environment."""
+  from kat_jax.rl.envs.code import default_code_env_config
+  c = default_code_env_config()
+  c.show_visible_tests = False
+  c.with_system_prompt = False
+  return c
+
+
+def _code_single_suite(evaluator, model, params, tokenizer, seed: int) -> dict:
+  cfg = evaluator.cfg
+  trajectories, turns = _episodes(evaluator, "code_single", "code_single", model, params,
+                                  tokenizer, seed, env_config=single_turn_env_config(),
+                                  max_turns=1,
+                                  max_new_tokens=int(cfg.code_single_max_new_tokens))
+  out = episode_metrics(trajectories, turns)
+  return {k: out[k] for k in ("episodes", "passed", "pass_rate", "statuses") if k in out}
+
+
 def _repo_suite(evaluator, model, params, tokenizer, seed: int) -> dict:
-  trajectories, turns = _episodes(evaluator, "repo", model, params, tokenizer, seed)
+  trajectories, turns = _episodes(evaluator, "repo", "repo", model, params, tokenizer, seed)
   out = episode_metrics(trajectories, turns)
   out["resolve_rate"] = out["pass_rate"]   # a repository episode passes when it is resolved
   return out
@@ -315,10 +351,12 @@ def _humaneval_suite(evaluator, model, params, tokenizer, seed: int) -> dict:
 
 
 # Suite name -> its task source and its evaluation (SUITES order).
-_TASKS: dict[str, Callable] = {"code": heldout_code_tasks, "repo": heldout_repo_tasks,
-                               "humaneval": humaneval_problems}
-_SUITES: dict[str, Callable] = {"code": _code_suite, "repo": _repo_suite,
-                                "humaneval": _humaneval_suite}
+_TASKS: dict[str, Callable] = {
+    "code": heldout_code_tasks,
+    "code_single": lambda cfg: heldout_code_tasks(cfg, cfg.code_single_tasks),
+    "repo": heldout_repo_tasks, "humaneval": humaneval_problems}
+_SUITES: dict[str, Callable] = {"code": _code_suite, "code_single": _code_single_suite,
+                                "repo": _repo_suite, "humaneval": _humaneval_suite}
 assert tuple(_SUITES) == SUITES == tuple(_TASKS)
 
 

@@ -466,6 +466,7 @@ COLUMNS: tuple[tuple[str, Callable[[dict], Any]], ...] = (
      else None),
     ("RL reward", lambda row: row["metrics"]["train_reward"] if "train_reward" in row["metrics"]
      else None),
+    ("single-turn code pass", _eval_value("code_single", "pass_rate")),
     ("code pass", _eval_value("code", "pass_rate")),
     ("code tool-call turns", _eval_value("code", "tool_call_share")),
     ("code turns opening a call", _eval_value("code", "attempted_share")),
@@ -477,7 +478,7 @@ COLUMNS: tuple[tuple[str, Callable[[dict], Any]], ...] = (
     ("eval s", lambda row: round(row["eval_s"])),
 )
 # The chart's lines: shares in [0, 1] along the chain.
-CHART_SERIES = ("code pass", "code tool-call turns", "code turns opening a call", "repo resolved",
+CHART_SERIES = ("single-turn code pass", "code pass", "code tool-call turns", "code turns opening a call", "repo resolved",
                 "repo tool-call turns", "HumanEval pass@1")
 
 
@@ -521,8 +522,9 @@ def write_report(workdir: str, rows: Sequence[dict], planned: Sequence[str]) -> 
           f"{', '.join(finished) or 'none'}. Wall time of the finished stages: {wall:.0f} s "
           "(each stage's last run: training + evaluation).\n\n" + table + "\n")
   if rows and any(row["eval"] for row in rows):
-    text += ("\nEvaluation (held-out, greedy): `code pass` and `repo resolved` are the shares "
-             "of episodes the environment graded passed; `tool-call turns` the share of sampled "
+    text += ("\nEvaluation (held-out, greedy): `single-turn code pass` (one answer, no tools: "
+             "the layout mid-training and RL train on), `code pass` (multi-turn, tools) and "
+             "`repo resolved` are the shares of episodes the environment graded passed; `tool-call turns` the share of sampled "
              "turns that parse as valid tool calls (`turns opening a call`: that open a "
              "`<tool_call>` at all, valid or not); `code turns` the mean assistant turns per "
              "episode.\n")

@@ -42,7 +42,7 @@ def _stage(steps, learning_rate):
 def get_config():
   c = chain.chain_config({{"first": _stage({FIRST_STEPS}, 3e-3),
                           "second": _stage({SECOND_STEPS}, 1e-3)}})
-  for suite in ("code", "repo", "humaneval"):
+  for suite in ("code", "code_single", "repo", "humaneval"):
     c.chain.eval[suite] = False
   return c
 '''
@@ -236,6 +236,7 @@ PIPELINE_FLAGS = (
     "--config.chain.rl.train.warmup_steps=0", "--config.chain.rl.rl.rollout.max_new_tokens=48",
     "--config.chain.rl.train.progress_bar=False",
     "--config.chain.eval.code_tasks=2", "--config.chain.eval.repo_tasks=1",
+    "--config.chain.eval.code_single_tasks=2", "--config.chain.eval.code_single_max_new_tokens=32",
     "--config.chain.eval.humaneval_tasks=2", "--config.chain.eval.max_turns=2",
     "--config.chain.eval.max_new_tokens=32", "--config.chain.eval.humaneval_max_new_tokens=32")
 
@@ -263,10 +264,12 @@ def test_pipeline_tiny_runs_end_to_end_and_reports_every_stage(tmp_path):
     assert row["init_from"] == f"{prev['workdir']}@{prev['final_step']}"
   for row in report["stages"]:
     ev = row["eval"]
-    assert set(ev) == {"code", "repo", "humaneval", "seconds"}
+    assert set(ev) == {"code", "code_single", "repo", "humaneval", "seconds"}
     assert ev["code"]["episodes"] == 2 and ev["repo"]["episodes"] == 1
+    assert ev["code_single"]["episodes"] == 2
     assert ev["humaneval"]["tasks"] == 2
     for value in (ev["code"]["pass_rate"], ev["code"]["tool_call_share"],
+                  ev["code_single"]["pass_rate"],
                   ev["repo"]["resolve_rate"], ev["humaneval"]["pass_at_1"]):
       assert 0.0 <= value <= 1.0
     assert 1 <= ev["code"]["mean_turns"] <= 2
