@@ -69,7 +69,7 @@ def _tokenizer(config, workdir):
 
 def _lm_data(config, workdir, *, split, batch_size, seed, shard_index, shard_count):
   from kat_jax.data import pipeline
-  tokenizer = _tokenizer(config, workdir)
+  tokenizer = _checkpoint_tokenizer(config, workdir)   # a model from init_from keeps its ids
   it = pipeline.make_lm_iterator(config.data, tokenizer, split=split, batch_size=batch_size,
                                  seq_len=config.train.seq_len, seed=seed,
                                  shard_index=shard_index, shard_count=shard_count)
@@ -77,12 +77,13 @@ def _lm_data(config, workdir, *, split, batch_size, seed, shard_index, shard_cou
 
 
 def _sft_tree_data(config, workdir, *, split, batch_size, seed, shard_index, shard_count):
+  """Tree SFT: one prefix tree per row from the group source ``config.tree.source`` names
+  (procedural tasks, or self-debugging records: ``kat_jax.tree.sft_data``)."""
   from kat_jax.tree.sft_data import TreeSFTIterator
   del shard_count
-  tokenizer = _tokenizer(config, workdir)
-  it = TreeSFTIterator(config.tree, tokenizer, split="heldout" if split == "eval" else split,
-                       batch_size=batch_size, seed=seed, shard_index=shard_index,
-                       attention_impl=config.model.attention_impl)
+  tokenizer = _checkpoint_tokenizer(config, workdir)   # init_from's tokenizer, as every LM stage
+  it = TreeSFTIterator(config.tree, tokenizer, split=split, batch_size=batch_size, seed=seed,
+                       shard_index=shard_index, attention_impl=config.model.attention_impl)
   return it, tokenizer
 
 
@@ -131,7 +132,7 @@ def _check_sft_data(data) -> None:
                         f"data.{name}.render='conversation' (got {section.render!r})")
 
 
-def _sft_tokenizer(config, workdir):
+def _checkpoint_tokenizer(config, workdir):
   """``data.tokenizer_path`` if set; else the tokenizer of the ``init_from`` checkpoint (a kat_jax
   workdir's saved one, a Hugging Face checkpoint's), whose ids the params were trained on; else,
   for a model trained from scratch, the one trained from the code corpus."""
@@ -161,7 +162,7 @@ def _sft_data(config, workdir, *, split, batch_size, seed, shard_index, shard_co
   with loss on the assistant turns only (``chat.render`` masks → batch ``weights``)."""
   from kat_jax.data import pipeline
   _check_sft_data(config.data)
-  tokenizer = _sft_tokenizer(config, workdir)
+  tokenizer = _checkpoint_tokenizer(config, workdir)
   it = pipeline.make_lm_iterator(config.data, tokenizer, split=split, batch_size=batch_size,
                                  seq_len=config.train.seq_len, seed=seed,
                                  shard_index=shard_index, shard_count=shard_count)
