@@ -32,6 +32,9 @@ EXTRAS = {
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",
         "filelock==4.3.1",      # the file locks of the tests' shared XLA compilation cache
+        "nbclient==0.11.0",     # tests/test_colab.py executes colab/quickstart.ipynb
+        "nbformat==5.11.1",
+        "ipykernel==7.4.0",
         "hypothesis==6.170.15",
         "rlax==0.1.9",          # the reference GAE the advantage tests compare against
     ],

@@ -541,9 +541,7 @@ def _write_chart(path: str, rows: Sequence[dict]) -> bool:
   """The metrics of ``CHART_SERIES`` along the stages and the wall time per stage, as a PNG;
   False (and a warning) without matplotlib."""
   try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure   # no pyplot: a notebook's backend is left alone
   except ImportError:
     from absl import logging
     logging.warning("matplotlib is not installed: no %s (pip install matplotlib)", path)
@@ -551,7 +549,8 @@ def _write_chart(path: str, rows: Sequence[dict]) -> bool:
   readers = dict(COLUMNS)
   labels = [f"{row['index']}_{row['name']}" for row in rows]
   x = list(range(len(rows)))
-  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  fig = Figure(figsize=(11, 4))
+  left, right = fig.subplots(1, 2)
   for name in CHART_SERIES:
     values = [readers[name](row) for row in rows]
     if any(v is not None for v in values):
@@ -575,6 +574,5 @@ def _write_chart(path: str, rows: Sequence[dict]) -> bool:
   fig.tight_layout()
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=90)
-  plt.close(fig)
   os.replace(tmp, path)
   return True
