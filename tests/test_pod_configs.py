@@ -42,17 +42,15 @@ HBM: 95e9 bytes, Google's figure for a v5p chip (88.5 GiB; conservative against 
 import dataclasses
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from absl import flags
 from jax.sharding import AbstractMesh, AxisType
-from ml_collections import config_flags
 
+import test_config_contract as config_contract  # tests/ is on sys.path (rootdir conftest)
 from configs import pod
 from configs.base import get_base_config
 from kat_jax import config as config_lib
@@ -65,20 +63,14 @@ from kat_jax.train import losses, optimizer, stages
 from kat_jax.train import state as state_lib
 from kat_jax.tree.prune import settings_from_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HBM = 95e9
 PREFILL_TOKENS = 2048
 GIB = 2 ** 30
 
 
 def _parse(name: str, *overrides: str) -> ml_collections.ConfigDict:
-  """What experiments.main does with its argv: the config file, locked, plus --config.x=y."""
-  argv = ["main", f"--config={os.path.join(REPO, 'configs', 'pod.py')}:{name}", *overrides]
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
-  fv(argv)
-  return fv.config
+  """What experiments.main does with ``--config=configs/pod.py:<name> --config.x=y ...``."""
+  return config_contract._parse(f"configs/pod.py:{name}", *overrides)
 
 
 def _paths(cfg, prefix=""):
