@@ -74,25 +74,27 @@ def visible(q_tin: jax.Array, k_tin: jax.Array, k_tout: jax.Array) -> jax.Array:
   return (k_tin[:, None, :] <= q) & (q < k_tout[:, None, :])
 
 
-def dense_attention_general(q, k, v, q_tin, k_tin, k_tout):
+def dense_attention_general(q, k, v, q_tin, k_tin, k_tout, kv_heads_major: bool = False):
   """Dense masked attention where queries and keys may differ (used with a KV cache).
 
-  q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; q_tin: [B, T]; k_tin, k_tout: [B, S].
-  Softmax in float32; output in q's dtype.
+  q: [B, T, Hq, D]; k, v: [B, S, Hkv, D], or [B, Hkv, S, D] with ``kv_heads_major`` (the KV
+  cache's layout); q_tin: [B, T]; k_tin, k_tout: [B, S]. Softmax in float32; output in q's dtype.
   """
   b, t, hq, d = q.shape
-  hkv = k.shape[2]
+  hkv = k.shape[1 if kv_heads_major else 2]
+  kv = "bksd" if kv_heads_major else "bskd"
   if hq % hkv:
     raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({hkv})")
   g = hq // hkv
   qg = q.reshape(b, t, hkv, g, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  logits = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32)
   logits = logits * (1.0 / jnp.sqrt(jnp.float32(d)))
   vis = visible(q_tin, k_tin, k_tout)[:, None, None, :, :]
   logits = jnp.where(vis, logits, _NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1)
   probs = jnp.where(vis, probs, 0.0)  # rows with no visible key -> exactly zero
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+  out = jnp.einsum(f"bkgts,{kv}->bkgtd", probs.astype(v.dtype), v)   # probs @ v: no transposes
+  out = jnp.transpose(out, (0, 3, 1, 2, 4))
   return out.reshape(b, t, hq, d).astype(q.dtype)
 
 

@@ -38,14 +38,14 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 @flax.struct.dataclass
 class KVCache:
   """Keys/values of every layer at S slots, with each slot's interval (tout == tin: empty slot)."""
-  k: jax.Array      # [L, B, S, Hkv, D]
-  v: jax.Array      # [L, B, S, Hkv, D]
+  k: jax.Array      # [L, B, Hkv, S, D] (heads-major: the layout the attention dots read, so a
+  v: jax.Array      # [L, B, Hkv, S, D]  decode step never transposes the cache)
   tin: jax.Array    # [B, S] int32
   tout: jax.Array   # [B, S] int32
 
   @classmethod
   def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> "KVCache":
-    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
     dtype = _DTYPES[cfg.dtype]
     idx = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (batch, slots))
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), tin=idx, tout=idx)
@@ -160,14 +160,15 @@ class Attention(nn.Module):
       out = attention_lib.get_attention_fn(cfg.attention_impl)(q, k, v, mask)
       new_cache = None
     else:
-      # The stacked [L, B, S, Hkv, D] cache is updated in place at this layer's slots (no per-step
-      # slice/stack copy of the whole cache inside a decode loop).
+      # The stacked [L, B, Hkv, S, D] cache is updated in place at this layer's slots (no per-step
+      # slice/stack copy of the whole cache inside a decode loop). Index arrays split by the head
+      # slice put their [B, T] dims first, so the update is k's own [B, T, Hkv, D].
       layer, cache_k, cache_v, cache_tin, cache_tout = layer_cache
       rows = jnp.arange(x.shape[0])[:, None]
-      cache_k = cache_k.at[layer, rows, mask.tin].set(k.astype(cache_k.dtype))
-      cache_v = cache_v.at[layer, rows, mask.tin].set(v.astype(cache_v.dtype))
+      cache_k = cache_k.at[layer, rows, :, mask.tin].set(k.astype(cache_k.dtype))
+      cache_v = cache_v.at[layer, rows, :, mask.tin].set(v.astype(cache_v.dtype))
       out = attention_lib.dense_attention_general(q, cache_k[layer], cache_v[layer], mask.tin,
-                                                  cache_tin, cache_tout)
+                                                  cache_tin, cache_tout, kv_heads_major=True)
       new_cache = (cache_k, cache_v)
     y = _adapted(jnp.einsum("bthk,hkd->btd", out, wo.astype(dtype)), out, adapters["o_proj"])
     return y, new_cache

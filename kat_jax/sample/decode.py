@@ -104,7 +104,7 @@ _ROW_FIELDS = ("next_logits_bv", "prompt_lengths_b", "lengths_b", "done_b", "fin
                "entropies_policy_bn")
 _TURN_BUFFERS = ("tokens_bn", "logprobs_bn", "entropies_bn", "logprobs_policy_bn",
                  "entropies_policy_bn")
-_KV_NAMES = (None, "act_batch", None, "act_kv_heads", None)
+_KV_NAMES = (None, "act_batch", "act_kv_heads", None, None)
 
 
 def _constrain_state(state: DecodeState, mesh, rules) -> DecodeState:

@@ -122,9 +122,23 @@ def entropy(logprobs_bv: jax.Array) -> jax.Array:
   return -jnp.sum(jnp.where(probs_bv > 0, probs_bv * logprobs_bv, 0.0), axis=-1)
 
 
+def first_argmax(x_bv: jax.Array) -> jax.Array:
+  """``jnp.argmax(x_bv, axis=-1)`` (the first maximal index; x without NaN) as two plain reductions:
+  XLA:CPU runs argmax's variadic (value, index) reduce element by element, these vectorize."""
+  vocab = x_bv.shape[-1]
+  max_b1 = jnp.max(x_bv, axis=-1, keepdims=True)
+  ids_v = jnp.arange(vocab, dtype=jnp.int32)
+  return jnp.min(jnp.where(x_bv == max_b1, ids_v, vocab), axis=-1)
+
+
 def sample_tokens(keys_b: jax.Array, logits_bv: jax.Array, logprobs_bv: jax.Array,
                   config: SamplingConfig) -> jax.Array:
-  """One token per row: the argmax of the raw logits (greedy), else a draw from pi (row's key)."""
+  """One token per row: the argmax of the raw logits (greedy), else a draw from pi (row's key).
+
+  The draw is ``jax.random.categorical``'s Gumbel-max — the same Gumbel noise of the row's key,
+  the same first maximal index — so the tokens equal ``vmap(jax.random.categorical)``'s."""
   if config.greedy:
-    return jnp.argmax(restrict_vocab(logits_bv, config), axis=-1).astype(jnp.int32)
-  return jax.vmap(jax.random.categorical)(keys_b, logprobs_bv).astype(jnp.int32)
+    return first_argmax(restrict_vocab(logits_bv, config))
+  gumbel_bv = jax.vmap(lambda key: jax.random.gumbel(key, logprobs_bv.shape[-1:],
+                                                     logprobs_bv.dtype))(keys_b)
+  return first_argmax(gumbel_bv + logprobs_bv)

@@ -82,3 +82,19 @@ def test_config_errors_name_the_value():
     SamplingConfig(temperature=-1.0)
   with pytest.raises(ValueError, match="max_new_tokens=0"):
     SamplingConfig(max_new_tokens=0)
+
+
+def test_first_argmax_and_draws_equal_jax_argmax_and_categorical():
+  # Ties (integer-valued logits over few values) and -inf entries (filtered tokens) included.
+  rng = np.random.default_rng(0)
+  x = rng.integers(-3, 3, (64, 37)).astype(np.float32)
+  x[rng.random(x.shape) < 0.3] = -np.inf
+  x[:, 5] = 2.0                                     # every row has a finite maximum
+  np.testing.assert_array_equal(distribution.first_argmax(jnp.asarray(x)),
+                                np.argmax(x, axis=-1))
+  config = SamplingConfig(temperature=0.7, top_k=20, max_new_tokens=1)
+  logits = jnp.asarray(rng.normal(size=(64, 37)) * 3, jnp.float32)
+  logprobs = distribution.sampling_log_probs(logits, config)
+  keys = jax.random.split(jax.random.key(3), 64)
+  np.testing.assert_array_equal(distribution.sample_tokens(keys, logits, logprobs, config),
+                                jax.vmap(jax.random.categorical)(keys, logprobs))
