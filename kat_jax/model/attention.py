@@ -93,8 +93,12 @@ def dense_attention_general(q, k, v, q_tin, k_tin, k_tout, kv_heads_major: bool 
   logits = jnp.where(vis, logits, _NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1)
   probs = jnp.where(vis, probs, 0.0)  # rows with no visible key -> exactly zero
-  out = jnp.einsum(f"bkgts,{kv}->bkgtd", probs.astype(v.dtype), v)   # probs @ v: no transposes
-  out = jnp.transpose(out, (0, 3, 1, 2, 4))
+  if kv_heads_major:
+    # probs @ v as written: as ``->btkgd`` XLA:CPU takes v as the left operand, contracting a
+    # non-minor dimension, on its slow generic dot (docs/PERFORMANCE.md, sampling vs Tunix).
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v).transpose(0, 3, 1, 2, 4)
+  else:
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
   return out.reshape(b, t, hq, d).astype(q.dtype)
 
 
