@@ -377,6 +377,8 @@ def _train(stage: StagePlan, sft_data) -> dict:
   record = {"final_step": step, "start_step": int(result.get("start_step", 0)),
             "train_s": round(time.perf_counter() - start, 2), "metrics": _scalars(result),
             "data": data}
+  if result.get("history"):   # the RL / RFT loops: one metrics dict per iteration (curves)
+    record["history"] = [_scalars(m) for m in result["history"]]
   _write_json(os.path.join(stage.workdir, TRAIN_RESULT_FILENAME), record)
   return record
 
