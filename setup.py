@@ -37,6 +37,9 @@ EXTRAS = {
         "ipykernel==7.4.0",
         "hypothesis==6.170.15",
         "rlax==0.1.9",          # the reference GAE the advantage tests compare against
+        # int8 quantization numerics of QAT (kat_jax.model.qat, config.model.qat): 0.1.8 installs
+        # beside the pinned jax/jaxlib 0.10.2, flax 0.12.8 and optax 0.2.8 without changing them.
+        "qwix==0.1.8",
     ],
     # Hugging Face checkpoint interop. torch 2.13.0 is a CPU build on local disk here; a looser pin
     # would pull a multi-GB CUDA build.

@@ -60,6 +60,20 @@ def train_defaults() -> ml_collections.ConfigDict:
       entropy_coef=0.0,        # weight of the entropy bonus (subtracted from the loss)
       use_reference=False,     # keep a frozen copy of the starting params (Trainer.reference_params)
       prune=default_prune_config(),   # entropy-budget pruning of tree batches (docs/PRUNING.md)
+      distill=distill_defaults(),     # the distill loss's teacher and divergence (docs/DISTILL.md)
+  ))
+
+
+def distill_defaults() -> ml_collections.ConfigDict:
+  """``config.train.distill``: knowledge distillation (loss 'distill', kat_jax.train.distill)."""
+  return ml_collections.ConfigDict(dict(
+      teacher="",              # frozen teacher: kat_jax workdir[@step] or HF checkpoint dir
+      topk_data="",            # its top-k precomputed by experiments.distill_topk; '' = in-step
+      divergence="forward_kl",   # forward_kl KL(t‖s) | reverse_kl KL(s‖t) | jsd (generalized JSD)
+      jsd_beta=0.5,            # jsd: β·KL(t‖M) + (1-β)·KL(s‖M), M = β·t + (1-β)·s; 0 < β < 1
+      alpha=0.5,               # loss = (1 - alpha)·CE + alpha·T²·divergence
+      temperature=1.0,         # T > 0: both distributions are softmax(logits / T)
+      top_k=0,                 # > 0: the teacher's top-k ids only (renormalized); 0 = full vocab
   ))
 
 
@@ -79,7 +93,7 @@ def get_base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.stage = "midtrain"        # registered stage (kat_jax.train.stages): data source + default loss
   c.seed = 0                  # init and data seed (the step RNG uses seed + 1)
   c.init_from = ""   # HF checkpoint dir or kat_jax workdir[@step] to start from (see experiments.convert)
-  c.model = get_preset(preset)                      # kat_jax.model.presets.ModelConfig fields
+  c.model = get_preset(preset)   # ModelConfig fields, blocks .lora and .qat (kat_jax.model.presets)
   c.mesh = sharding.default_mesh_config()           # data / fsdp / tensor sizes (-1 = fill)
   c.sharding_rules = [list(r) for r in sharding.DEFAULT_RULES]   # logical name -> mesh axes
   c.train = train_defaults()

@@ -2,6 +2,7 @@
 
   python -m experiments.convert --from_hf=/ckpt/Qwen3-8B --to=/runs/qwen3_8b_base
   python -m experiments.convert --from_workdir=/runs/sft --to_hf=/out/qwen3_8b_sft [--hf_dtype=bfloat16]
+  python -m experiments.convert --from_workdir=/runs/sft_qat --to_int8=/out/sft_int8
 
 Import writes a params-only checkpoint in the trainer's Orbax layout (``WORKDIR/checkpoints/0``,
 items ``state`` = {"params"} and ``data``), ``model_config.json`` (use it as ``config.model``),
@@ -15,6 +16,13 @@ TrainState; ``--step`` picks one, default latest) with the model config from
 ``config.json`` + safetensors (+ the tokenizer) that ``transformers`` loads. A LoRA run's workdir
 (``lora_run.json``, checkpoints holding adapters only) exports its merged weights: the base rebuilt
 from the run's ``init_from`` (else its seed), dequantized for QLoRA, plus ``(alpha/r)·A·B``.
+
+A QAT run (``config.model.qat.enabled``, kat_jax.model.qat) exports to Hugging Face the weights its
+forward computes with, the dequantized int8 ``Q(W)`` (the QAT model itself when
+``qat.activations='none'``; HF has no activation quantization). ``--to_int8=OUT`` writes its int8
+model instead: codes + scales in a params-only checkpoint, ``model_config.json`` with
+``qat.quantized_params=True`` and the tokenizer; ``kat_jax.model.qat.load_export(OUT)`` gives the
+model and params for the ``Sampler``.
 
 Params are placed on a mesh of all devices (``--mesh=data,fsdp,tensor``, default ``1,-1,1``), so a
 32B model converts on an accelerator host without one device holding it; on a multi-host pod pass
@@ -44,6 +52,8 @@ def define_flags() -> None:
   flags.DEFINE_string("to", None, "kat_jax workdir to write the imported checkpoint into.")
   flags.DEFINE_string("from_workdir", None, "kat_jax workdir to export.")
   flags.DEFINE_string("to_hf", None, "Directory to write the Hugging Face checkpoint into.")
+  flags.DEFINE_string("to_int8", None, "Directory to write a QAT run's int8 model into (codes + "
+                      "scales, kat_jax.model.qat.export_workdir).")
   flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
                     "Import: dtype of the kat_jax params.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
@@ -121,7 +131,7 @@ def workdir_to_hf(workdir: str, out_dir: str, *, model_config=None, step: Option
   import jax
   import ml_collections
   from kat_jax import sharding
-  from kat_jax.model import ModelConfig, hf, lora
+  from kat_jax.model import ModelConfig, hf, lora, qat
   lora_run = lora.read_run_info(workdir)
   if model_config is None and lora_run is not None:
     model_config = ml_collections.ConfigDict(lora_run["model"])
@@ -140,6 +150,11 @@ def workdir_to_hf(workdir: str, out_dir: str, *, model_config=None, step: Option
   else:
     abstract = hf.abstract_params(model_cfg, mesh, sharding.DEFAULT_RULES)
     params = hf.restore_params(workdir, abstract, step)
+  if qat.enabled(model_cfg):
+    if model_cfg.qat.activations != "none":
+      logging.warning("%s quantizes activations (config.model.qat.activations=%r); the Hugging "
+                      "Face export has its int8 weights only", workdir, model_cfg.qat.activations)
+    params, model_cfg = qat.float_weights(params, model_cfg)   # the forward's Q(W), as floats
   names = hf.export_hf(params, model_cfg, out_dir, torch_dtype=torch_dtype, model_type=model_type,
                        base_hf_config=base, max_shard_bytes=max_shard_bytes)
   tokenizer_dir = workdir_lib.tokenizer_dir(workdir)
@@ -162,6 +177,14 @@ def workdir_to_hf(workdir: str, out_dir: str, *, model_config=None, step: Option
   return names
 
 
+def workdir_to_int8(workdir: str, out_dir: str, *, model_config=None, step: Optional[int] = None,
+                    mesh=None) -> str:
+  """Writes the int8 model of QAT run ``workdir`` into ``out_dir``
+  (``kat_jax.model.qat.export_workdir``); returns its checkpoint directory."""
+  from kat_jax.model import qat
+  return qat.export_workdir(workdir, out_dir, model_config=model_config, step=step, mesh=mesh)
+
+
 def main(argv):
   del argv
   errors.quiet_library_noise(bool(flags.FLAGS["verbosity"].present))
@@ -169,10 +192,12 @@ def main(argv):
   if FLAGS.multihost:
     jax.distributed.initialize()
   importing = FLAGS.from_hf is not None or FLAGS.to is not None
-  exporting = FLAGS.from_workdir is not None or FLAGS.to_hf is not None
+  exporting = (FLAGS.from_workdir is not None or FLAGS.to_hf is not None
+               or FLAGS.to_int8 is not None)
   if importing == exporting or (importing and not (FLAGS.from_hf and FLAGS.to)) or (
-      exporting and not (FLAGS.from_workdir and FLAGS.to_hf)):
-    raise app.UsageError("give either --from_hf=DIR --to=WORKDIR or --from_workdir=DIR --to_hf=OUT")
+      exporting and not (FLAGS.from_workdir and bool(FLAGS.to_hf) != bool(FLAGS.to_int8))):
+    raise app.UsageError("give either --from_hf=DIR --to=WORKDIR or --from_workdir=DIR with one "
+                         "of --to_hf=OUT, --to_int8=OUT")
   mesh = _mesh(FLAGS.mesh)
   if importing:
     model_config = hf_to_workdir(FLAGS.from_hf, FLAGS.to, mesh=mesh,
@@ -180,6 +205,12 @@ def main(argv):
     logging.info("imported %s into %s: %s", FLAGS.from_hf, FLAGS.to, model_config.to_dict())
     print(f"wrote {FLAGS.to} (model {model_config.name}: {model_config.num_layers} layers, "
           f"d_model={model_config.d_model}); train from it with --config.init_from={FLAGS.to}")
+  elif FLAGS.to_int8:
+    model_config = FLAGS.config.model if FLAGS.config is not None else None
+    workdir_to_int8(FLAGS.from_workdir, FLAGS.to_int8, model_config=model_config,
+                    step=FLAGS.step, mesh=mesh)
+    print(f"wrote {FLAGS.to_int8}: int8 codes + scales; sample with "
+          "kat_jax.model.qat.load_export")
   else:
     model_config = FLAGS.config.model if FLAGS.config is not None else None
     names = workdir_to_hf(FLAGS.from_workdir, FLAGS.to_hf, model_config=model_config,

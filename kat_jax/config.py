@@ -61,10 +61,21 @@ def _validate_tree(cfg: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.tree.{field}={cfg.tree[field]} must be positive")
 
 
+def _validate_qat(model: presets.ModelConfig) -> None:
+  """``config.model.qat`` in a training config (its fields are checked by ``QatConfig``)."""
+  if model.qat.quantized_params:
+    raise ConfigError(
+        "config.model.qat.quantized_params=True is the int8 export's model (inference only: "
+        "kat_jax.model.qat.load_export); a stage trains float weights with QAT: set "
+        "--config.model.qat.quantized_params=False, and export the trained run with "
+        "python -m experiments.convert --from_workdir=RUN --to_int8=OUT")
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   """Cross-field checks of a full experiment config against the devices at hand."""
   _validate_model_name(require(cfg, "model"))
   model = presets.ModelConfig.from_config(require(cfg, "model"))
+  _validate_qat(model)
   mesh_shape = sharding.mesh_shape(require(cfg, "mesh"), num_devices)
   train = require(cfg, "train")
   _positive(train, ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
@@ -88,6 +99,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   if train.eval_every < 0:
     raise ConfigError(f"config.train.eval_every={train.eval_every} must be >= 0 (0 = never)")
   _validate_objective(train, model)
+  validate_distill(cfg)
   from kat_jax.tree.prune import settings_from_config  # local: the pruning module imports jax
   try:
     settings_from_config(train.prune)
@@ -130,6 +142,55 @@ def _validate_objective(train, model) -> None:
     raise ConfigError(
         f"config.train.kl_coef={train.kl_coef} needs the reference policy's log-probs: set "
         "--config.train.use_reference=True (or --config.train.kl_coef=0)")
+
+
+def validate_distill(cfg: ml_collections.ConfigDict, loss: Optional[str] = None) -> None:
+  """``config.train.distill`` (kat_jax.train.distill): its fields always; when the loss
+  (``loss``, default ``config.train.loss``) is 'distill' also a teacher (in the step or
+  precomputed) and no policy knob the distill loss would ignore."""
+  from kat_jax.train import distill, stages  # local: the loss modules import jax
+  train = require(cfg, "train")
+  d = require(cfg, "train.distill")
+  if d.divergence not in distill.DIVERGENCES:
+    raise ConfigError(f"config.train.distill.divergence={d.divergence!r} is not one of "
+                      f"{list(distill.DIVERGENCES)}")
+  if not 0.0 <= d.alpha <= 1.0:
+    raise ConfigError(f"config.train.distill.alpha={d.alpha} must be in [0, 1] (loss = (1 - alpha)"
+                      "·CE + alpha·T²·divergence)")
+  if not d.temperature > 0:
+    raise ConfigError(f"config.train.distill.temperature={d.temperature} must be > 0 (1 = the "
+                      "distributions as they are)")
+  if not 0.0 < d.jsd_beta < 1.0:
+    raise ConfigError(f"config.train.distill.jsd_beta={d.jsd_beta} must be in (0, 1) (its ends are "
+                      "divergence='forward_kl' / 'reverse_kl')")
+  vocab = require(cfg, "model.vocab_size")
+  if not 0 <= d.top_k <= vocab:
+    raise ConfigError(f"config.train.distill.top_k={d.top_k} must be in [0, config.model.vocab_size"
+                      f"={vocab}] (0 = the whole vocabulary)")
+  if (train.loss if loss is None else loss) != distill.NAME:
+    return
+  if not d.teacher and not d.topk_data:
+    raise ConfigError(
+        "config.train.loss='distill' needs a teacher: set --config.train.distill.teacher to a "
+        "kat_jax workdir[@step] or a Hugging Face checkpoint dir, or --config.train.distill."
+        "topk_data to its top-k precomputed by python -m experiments.distill_topk")
+  if d.topk_data and d.top_k == 0:
+    raise ConfigError(
+        f"config.train.distill.topk_data={d.topk_data!r} holds the teacher's top-k logits only: "
+        "set --config.train.distill.top_k to k (at most the k they were computed with)")
+  if d.topk_data and "stage" in cfg and stages.get_stage(cfg.stage).make_data is None:
+    raise ConfigError(
+        f"config.train.distill.topk_data is set but config.stage={cfg.stage!r} samples its own "
+        "batches (no data iterator to precompute over): use the in-step teacher "
+        "(config.train.distill.teacher) and topk_data=''")
+  ignored = [f"{f}={train[f]!r}" for f, off in (("objective", "nll"), ("kl_coef", 0.0),
+                                               ("value_coef", 0.0), ("entropy_coef", 0.0))
+             if train[f] != off]
+  if ignored:
+    raise ConfigError(
+        f"config.train.loss='distill' mixes cross-entropy and the teacher's divergence only; it "
+        f"would ignore config.train.{', '.join(ignored)}: set objective='nll' and the "
+        "coefficients to 0")
 
 
 # ---------------------------------------------------------------------------------- the CLI

@@ -159,12 +159,21 @@ def quantized_kernel(module: nn.Module, kernel: str, shape: tuple[int, ...], nam
   """Declares ``kernel`` as codes (int8 / uint4) plus ``<kernel>_scale`` and returns the dequantized
   float32 kernel. Their initializers are placeholders: a QLoRA base is always made by ``quantize``
   from float params (a fresh init or ``init_from``)."""
-  n = _INPUT_AXES[kernel]
-  codes = module.param(kernel, nn.with_logical_partitioning(nn.initializers.zeros, names), shape,
+  return quantized_param(module, kernel, shape, names, fmt, tuple(range(_INPUT_AXES[kernel])))
+
+
+def quantized_param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple, fmt: str,
+                    reduced_axes: tuple[int, ...]) -> jax.Array:
+  """Declares param ``name`` as codes (int8 / uint4) of ``shape`` plus ``<name>_scale`` (size 1 on
+  ``reduced_axes``, the axes one scale spans; the others keep their logical names) and returns the
+  dequantized float32 array. The initializers are placeholders: the codes are always written by a
+  quantizer (``quantize`` here, ``kat_jax.model.qat.export_params``)."""
+  codes = module.param(name, nn.with_logical_partitioning(nn.initializers.zeros, names), shape,
                        _CODE_DTYPES[fmt])
-  scale = module.param(kernel + SCALE_SUFFIX, nn.with_logical_partitioning(
-      nn.initializers.ones, (None,) * n + tuple(names[n:])), (1,) * n + tuple(shape[n:]),
-      jnp.float32)
+  scale_names = tuple(None if a in reduced_axes else n for a, n in enumerate(names))
+  scale_shape = tuple(1 if a in reduced_axes else d for a, d in enumerate(shape))
+  scale = module.param(name + SCALE_SUFFIX, nn.with_logical_partitioning(
+      nn.initializers.ones, scale_names), scale_shape, jnp.float32)
   return dequantize(codes, scale)
 
 

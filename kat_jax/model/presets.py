@@ -3,7 +3,8 @@
 ``get_preset("tiny")`` returns an ml_collections ConfigDict (so experiment configs can override any field
 from the command line); ``ModelConfig.from_config(cfg)`` turns it into a frozen, validated dataclass.
 ``config.model.lora`` (``LoraConfig``) turns on low-rank adapters and a quantized frozen base
-(kat_jax.model.lora).
+(kat_jax.model.lora); ``config.model.qat`` (``QatConfig``) quantization-aware training
+(kat_jax.model.qat).
 """
 from __future__ import annotations
 
@@ -78,6 +79,48 @@ class LoraConfig:
           "(e.g. 16) or quantize_base=''")
 
 
+QAT_ACTIVATIONS = ("none", "int8")
+QAT_GRANULARITIES = ("per_token", "per_tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class QatConfig:
+  """``config.model.qat``: fake-quantized int8 projections with straight-through gradients
+  (kat_jax.model.qat)."""
+  enabled: bool = False          # fake-quantize every projection kernel in the forward pass
+  weight_bits: int = 8           # weight code width: 8 (symmetric int8, one scale per out channel)
+  activations: str = "none"      # inputs of the projections: none | int8 (dynamic, per call)
+  act_granularity: str = "per_token"   # int8 activation scales: per_token | per_tensor
+  head: bool = False             # also the output head (tied: the embedding, lookup included)
+  quantized_params: bool = False   # params hold int8 codes + scales (a qat.export), not floats
+
+  @classmethod
+  def from_config(cls, cfg) -> "QatConfig":
+    if isinstance(cfg, QatConfig):
+      return cfg
+    values = dict(cfg.items()) if cfg is not None else {}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - fields
+    if unknown:
+      raise ConfigError(f"config.model.qat has unknown field(s) {sorted(unknown)}; known fields: "
+                        f"{sorted(fields)}")
+    return cls(**values)
+
+  def validate(self) -> None:
+    if self.weight_bits != 8:
+      raise ConfigError(f"config.model.qat.weight_bits={self.weight_bits}: only 8 (int8 weights) "
+                        "is implemented; set --config.model.qat.weight_bits=8")
+    if self.activations not in QAT_ACTIVATIONS:
+      raise ConfigError(f"config.model.qat.activations={self.activations!r}: use one of "
+                        f"{list(QAT_ACTIVATIONS)} ('none' = float activations)")
+    if self.act_granularity not in QAT_GRANULARITIES:
+      raise ConfigError(f"config.model.qat.act_granularity={self.act_granularity!r}: use one of "
+                        f"{list(QAT_GRANULARITIES)}")
+    if self.quantized_params and not self.enabled:
+      raise ConfigError("config.model.qat.quantized_params=True (int8 codes in the params) needs "
+                        "config.model.qat.enabled=True: set both, or quantized_params=False")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int
@@ -109,6 +152,7 @@ class ModelConfig:
   # accelerators leave it at 0.
   token_chunk: int = 0
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+  qat: QatConfig = dataclasses.field(default_factory=QatConfig)
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "ModelConfig":
@@ -120,6 +164,8 @@ class ModelConfig:
           f"config.model has unknown field(s) {sorted(unknown)}; known fields: {sorted(fields)}")
     if "lora" in values:
       values["lora"] = LoraConfig.from_config(values["lora"])
+    if "qat" in values:
+      values["qat"] = QatConfig.from_config(values["qat"])
     out = cls(**values)
     out.validate()
     return out
@@ -150,6 +196,15 @@ class ModelConfig:
     if not isinstance(self.lora, LoraConfig):
       raise ConfigError(f"config.model.lora={self.lora!r} must be a LoraConfig block")
     self.lora.validate()
+    if not isinstance(self.qat, QatConfig):
+      raise ConfigError(f"config.model.qat={self.qat!r} must be a QatConfig block")
+    self.qat.validate()
+    if self.qat.enabled and (self.lora.rank > 0 or self.lora.quantize_base):
+      raise ConfigError(
+          f"config.model.qat.enabled=True with config.model.lora.rank={self.lora.rank} "
+          f"(quantize_base={self.lora.quantize_base!r}): QAT trains the projection kernels that "
+          "LoRA freezes; use one of them (--config.model.lora.rank=0 or "
+          "--config.model.qat.enabled=False)")
 
   def num_params(self, include_embedding: bool = True) -> int:
     attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)

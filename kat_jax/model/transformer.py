@@ -15,7 +15,8 @@ one code path.
 
 Every parameter carries logical axis names (see kat_jax.sharding); pass ``mesh`` and ``rules`` to also
 constrain the main activations. ``config.model.lora`` adds low-rank adapters to the projection kernels
-and optionally stores the frozen ones quantized (kat_jax.model.lora).
+and optionally stores the frozen ones quantized (kat_jax.model.lora); ``config.model.qat`` computes
+with int8 fake-quantized projections, or with an export's int8 codes (kat_jax.model.qat).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from jax.sharding import Mesh
 from kat_jax import sharding as sharding_lib
 from kat_jax.model import attention as attention_lib
 from kat_jax.model import lora as lora_lib
+from kat_jax.model import qat as qat_lib
 from kat_jax.model.presets import ModelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -67,9 +69,24 @@ def _param(module: nn.Module, name: str, shape, names, cfg: ModelConfig, init=No
 
 def _kernel(module: nn.Module, name: str, shape, names, cfg: ModelConfig, init=None):
   """A projection kernel [*in, *out]: the float param, or with ``config.model.lora.quantize_base``
-  its int8 / NF4 codes dequantized in the forward pass (QLoRA)."""
+  its int8 / NF4 codes dequantized in the forward pass (QLoRA); with ``config.model.qat`` the float
+  param fake-quantized to int8 (straight-through gradient), or an export's int8 codes
+  dequantized."""
   if cfg.lora.quantize_base:
     return lora_lib.quantized_kernel(module, name, shape, names, cfg.lora.quantize_base)
+  if qat_lib.stores_codes(cfg):
+    return lora_lib.quantized_kernel(module, name, shape, names, "int8")
+  w = _param(module, name, shape, names, cfg, init)
+  return qat_lib.kernel(w, name) if qat_lib.enabled(cfg) else w
+
+
+def _head_param(module: nn.Module, name: str, shape, names, cfg: ModelConfig, init=None):
+  """The embedding [V, d] or ``lm_head`` [d, V] as a float matrix: the param, or (``qat.head`` in
+  an int8 export) its codes and ``<name>_scale`` dequantized. A float QAT model fake-quantizes it
+  where it is used (``qat.head_weight``)."""
+  if qat_lib.stores_codes(cfg) and qat_lib.head_quantized(cfg) and name == qat_lib.head_name(cfg):
+    return lora_lib.quantized_param(module, name, shape, names, "int8",
+                                    (qat_lib.head_reduced_axis(cfg),))
   return _param(module, name, shape, names, cfg, init)
 
 
@@ -139,9 +156,10 @@ class Attention(nn.Module):
     wo = _kernel(self, "o_proj", *shapes["o_proj"], cfg,
                  nn.initializers.normal(stddev=(h * hd) ** -0.5))
     adapters = {n: lora_lib.adapter(cfg, n, *shapes[n], dtype) for n in shapes}
-    q = _adapted(jnp.einsum("btd,dhk->bthk", x, wq.astype(dtype)), x, adapters["q_proj"])
-    k = _adapted(jnp.einsum("btd,dhk->bthk", x, wk.astype(dtype)), x, adapters["k_proj"])
-    v = _adapted(jnp.einsum("btd,dhk->bthk", x, wv.astype(dtype)), x, adapters["v_proj"])
+    xq = qat_lib.activation(x, 1, cfg)          # x itself unless qat.activations='int8'
+    q = _adapted(jnp.einsum("btd,dhk->bthk", xq, wq.astype(dtype)), x, adapters["q_proj"])
+    k = _adapted(jnp.einsum("btd,dhk->bthk", xq, wk.astype(dtype)), x, adapters["k_proj"])
+    v = _adapted(jnp.einsum("btd,dhk->bthk", xq, wv.astype(dtype)), x, adapters["v_proj"])
     if cfg.qkv_bias:
       zeros = nn.initializers.zeros
       q = q + _param(self, "q_bias", (h, hd), ("heads", "head_dim"), cfg, zeros).astype(dtype)
@@ -170,7 +188,8 @@ class Attention(nn.Module):
       out = attention_lib.dense_attention_general(q, cache_k[layer], cache_v[layer], mask.tin,
                                                   cache_tin, cache_tout, kv_heads_major=True)
       new_cache = (cache_k, cache_v)
-    y = _adapted(jnp.einsum("bthk,hkd->btd", out, wo.astype(dtype)), out, adapters["o_proj"])
+    y = _adapted(jnp.einsum("bthk,hkd->btd", qat_lib.activation(out, 2, cfg), wo.astype(dtype)),
+                 out, adapters["o_proj"])
     return y, new_cache
 
 
@@ -182,13 +201,19 @@ def _head_logits(hidden_btd, params, cfg: ModelConfig, labels_bt=None):
   # Tied: the embedding [V, d]; untied: lm_head stored [d, V] (indexed in place: a transposed copy
   # of a 152k-row matrix per chunk costs memory).
   if cfg.tie_embeddings:
-    w, vocab_axis, w_spec, label_spec = params["embedding"], 0, "vd", "btd"
+    name, vocab_axis, w_spec, label_spec = "embedding", 0, "vd", "btd"
   else:
-    w, vocab_axis, w_spec, label_spec = params["lm_head"], 1, "dv", "dbt"
+    name, vocab_axis, w_spec, label_spec = "lm_head", 1, "dv", "dbt"
+  w = params[name]
+  if qat_lib.head_quantized(cfg):
+    hidden_btd = qat_lib.activation(hidden_btd, 1, cfg)
   if labels_bt is None:
+    w = qat_lib.head_weight(w, name, cfg, 1 - vocab_axis)
     return jnp.einsum(f"btd,{w_spec}->btv", hidden_btd, w.astype(dtype),
                       preferred_element_type=jnp.float32)
-  w_labels = jnp.take(w, labels_bt, axis=vocab_axis).astype(dtype)
+  # Q(W) per vocab entry commutes with taking entries: quantize only the labels' rows.
+  w_labels = qat_lib.head_weight(jnp.take(w, labels_bt, axis=vocab_axis), name, cfg,
+                                 -1 if cfg.tie_embeddings else 0).astype(dtype)
   return jnp.einsum(f"btd,{label_spec}->bt", hidden_btd.astype(dtype), w_labels,
                     preferred_element_type=jnp.float32)
 
@@ -219,11 +244,13 @@ class Mlp(nn.Module):
     adapters = {n: lora_lib.adapter(cfg, n, *shapes[n], dtype) for n in shapes}
 
     def mlp(x):
-      gate = _adapted(x @ wg.astype(dtype), x, adapters["gate_proj"])
-      hidden = nn.silu(gate) * _adapted(x @ wu.astype(dtype), x, adapters["up_proj"])
+      xq = qat_lib.activation(x, 1, cfg)        # x itself unless qat.activations='int8'
+      gate = _adapted(xq @ wg.astype(dtype), x, adapters["gate_proj"])
+      hidden = nn.silu(gate) * _adapted(xq @ wu.astype(dtype), x, adapters["up_proj"])
       hidden = sharding_lib.constrain(hidden, ("act_batch", "act_length", "act_mlp"), self.mesh,
                                       self.rules)
-      return _adapted(hidden @ wd.astype(dtype), hidden, adapters["down_proj"])
+      return _adapted(qat_lib.activation(hidden, 1, cfg) @ wd.astype(dtype), hidden,
+                      adapters["down_proj"])
 
     return token_slices(mlp, x, cfg.token_chunk)
 
@@ -267,9 +294,10 @@ class Transformer(nn.Module):
     vocabulary. ``compute_logits=False`` skips the head (logits None; use with
     ``return_hidden`` and ``output_head`` to apply it chunk by chunk)."""
     cfg, dtype = self.cfg, _DTYPES[self.cfg.dtype]
-    embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg,
-                       nn.initializers.normal(stddev=cfg.d_model ** -0.5))
-    x = jnp.take(embedding, tokens_bt, axis=0).astype(dtype)
+    embedding = _head_param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                            cfg, nn.initializers.normal(stddev=cfg.d_model ** -0.5))
+    x = qat_lib.head_weight(jnp.take(embedding, tokens_bt, axis=0), "embedding", cfg, -1)
+    x = x.astype(dtype)
     x = sharding_lib.constrain(x, ("act_batch", "act_length", "act_embed"), self.mesh, self.rules)
 
     block_cls = Block
@@ -297,8 +325,8 @@ class Transformer(nn.Module):
       head_in = jnp.take_along_axis(hidden, logits_at[..., None].astype(jnp.int32), axis=1)
     head_params = {"embedding": embedding}
     if not cfg.tie_embeddings:
-      head_params["lm_head"] = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size),
-                                      ("embed", "vocab"), cfg)
+      head_params["lm_head"] = _head_param(self, "lm_head", (cfg.d_model, cfg.vocab_size),
+                                           ("embed", "vocab"), cfg)
     logits = None
     if compute_logits:
       logits = token_slices(lambda h: _head_logits(h, head_params, cfg), head_in, cfg.token_chunk)
@@ -321,4 +349,5 @@ class Transformer(nn.Module):
 
     ``model.apply(variables, hidden, method="output_head")``: with ``compute_logits=False`` this
     lets a loss apply the head to a few rows at a time (``kat_jax.tree.logprobs``)."""
-    return _head_logits(hidden_btd, nn.unbox(self.variables["params"]), self.cfg, labels_bt)
+    return _head_logits(hidden_btd, qat_lib.head_params(nn.unbox(self.variables["params"]),
+                                                        self.cfg), self.cfg, labels_bt)

@@ -12,7 +12,8 @@ accumulation and data parallelism give exactly the full-batch loss ``sum(numerat
 
 The tree losses reduce the per-pair terms of ``kat_jax.train.objectives`` with one aggregation mode
 (``AGGREGATIONS``): ``tree`` takes it from ``config.train.loss_agg``, ``tree_sequence_mean`` fixes it
-to ``seq_mean_token_mean``.
+to ``seq_mean_token_mean``. ``distill`` (``kat_jax.train.distill``, registered on import of this
+module) mixes the LM / tree cross-entropy with a divergence to a frozen teacher.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class LossContext:
   apply_fn: Callable[..., Any]          # model.apply
   config: Any                           # config.train (ConfigDict)
   rng: jax.Array | None = None
+  teacher: Any = None                   # the distill loss's frozen teacher (distill.Teacher)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,3 +239,6 @@ def make_tree_loss(fixed_agg: str | None = None) -> Loss:
 # mean); ``tree_sequence_mean`` is always the mean over trajectories of their token means.
 TREE = register("tree", make_tree_loss())
 TREE_SEQUENCE_MEAN = register("tree_sequence_mean", make_tree_loss("seq_mean_token_mean"))
+
+# Knowledge distillation (``distill``: flat and tree batches) registers itself on import.
+from kat_jax.train import distill as _distill  # noqa: E402,F401  (imports this module)

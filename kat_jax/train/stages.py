@@ -5,10 +5,15 @@ A data factory has the signature ``factory(config, workdir, *, split, batch_size
 shard_count) -> (iterator, tokenizer_or_None)``; the iterator yields dicts of numpy arrays with a
 leading per-process batch axis and has ``get_state()`` / ``set_state()`` (saved with checkpoints) and
 ``metrics()`` (data-side counters reported beside the training metrics).
+
+With ``config.train.loss='distill'`` every data stage's batches pass through
+``kat_jax.train.distill.attach_teacher_data``: the teacher's tokenizer is checked to be the
+student's, and precomputed teacher top-k (``config.train.distill.topk_data``) join each batch.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 from kat_jax.errors import ConfigError
@@ -28,8 +33,23 @@ _STAGES: dict[str, Stage] = {}
 
 
 def register(stage: Stage) -> Stage:
+  if stage.make_data is not None:
+    stage = dataclasses.replace(stage, make_data=_with_teacher_data(stage.make_data))
   _STAGES[stage.name] = stage
   return stage
+
+
+def _with_teacher_data(make_data: Callable) -> Callable:
+  """``make_data`` and, for the distill loss, the teacher's side of the data
+  (``kat_jax.train.distill.attach_teacher_data``)."""
+  @functools.wraps(make_data)
+  def factory(config, workdir, **kwargs):
+    it, tokenizer = make_data(config, workdir, **kwargs)
+    if config.train.loss != "distill":
+      return it, tokenizer
+    from kat_jax.train import distill   # local: the loss modules import jax
+    return distill.attach_teacher_data(config, it, tokenizer, split=kwargs["split"])
+  return factory
 
 
 def run(config, workdir: str) -> dict:

@@ -8,6 +8,10 @@ with the last good state and checkpoint.
 LoRA (``frozen_shardings``): the state holds the adapters only and the step takes the frozen base as
 a fourth argument — never differentiated, never donated, no optimizer state — and the model sees
 ``combine(frozen, state.params)``; gradients exist for the adapters alone.
+
+Distillation (``teacher_shardings``): the frozen teacher's params are the step's last argument —
+never differentiated, never donated — and reach the loss as ``LossContext.teacher``
+(``kat_jax.train.distill``), which runs the teacher on each micro-batch.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from kat_jax import sharding as sharding_lib
+from kat_jax.train.distill import Teacher
 from kat_jax.train.losses import Loss, LossContext
 from kat_jax.train.state import TrainState
 
@@ -96,21 +101,30 @@ def make_train_step(apply_fn: Callable, loss: Loss, tx: optax.GradientTransforma
                     schedule: optax.Schedule, train_cfg, state_shardings, mesh, rules, *,
                     frozen_shardings: Any = None,
                     combine: Optional[Callable[[Any, Any], Any]] = None,
-                    dropout_rng: bool = False):
+                    dropout_rng: bool = False, teacher_apply: Optional[Callable] = None,
+                    teacher_shardings: Any = None):
   """The jitted ``(state, batch, rng) -> (state, metrics)``; with ``frozen_shardings`` (LoRA)
   ``(state, batch, rng, frozen)``, the model's params being ``combine(frozen, state.params)``.
-  ``dropout_rng``: the loss's forward passes get a per-step ``dropout`` RNG (LoRA dropout)."""
+  ``dropout_rng``: the loss's forward passes get a per-step ``dropout`` RNG (LoRA dropout).
+  ``teacher_shardings`` (distillation): the teacher's params come last, ``(..., teacher)``, and
+  the loss gets ``Teacher(teacher_apply, teacher)``."""
   accum = int(train_cfg.grad_accum_steps)
   if frozen_shardings is not None and combine is None:
     raise ValueError("make_train_step: frozen_shardings needs combine(frozen, trainable)")
+  if teacher_shardings is not None and teacher_apply is None:
+    raise ValueError("make_train_step: teacher_shardings needs teacher_apply (the teacher's apply)")
+  lora = frozen_shardings is not None
 
-  def step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any = None):
+  def step(state: TrainState, batch: dict, rng: jax.Array, *extra: Any):
+    frozen = extra[0] if lora else None
+    teacher_params = extra[1 if lora else 0] if teacher_shardings is not None else None
+    teacher = _teacher(teacher_apply, teacher_params)
     step_rng = jax.random.fold_in(rng, state.step)
     full = (lambda p: p) if frozen is None else (lambda p: combine(frozen, p))
     loss_apply = apply_fn
     if dropout_rng:
       loss_apply = functools.partial(apply_fn, rngs={"dropout": jax.random.fold_in(step_rng, 1)})
-    ctx = LossContext(apply_fn=loss_apply, config=train_cfg, rng=step_rng)
+    ctx = LossContext(apply_fn=loss_apply, config=train_cfg, rng=step_rng, teacher=teacher)
     batch, prune_metrics = maybe_prune(apply_fn, full(state.params), batch, train_cfg)
     trained_loss = loss if frozen is None else Loss(
         numerator=lambda p, mb, c: loss.numerator(full(p), mb, c), denominator=loss.denominator)
@@ -133,18 +147,29 @@ def make_train_step(apply_fn: Callable, loss: Loss, tx: optax.GradientTransforma
   in_shardings = (state_shardings, batch_sh, rep)
   if frozen_shardings is not None:
     in_shardings += (frozen_shardings,)
+  if teacher_shardings is not None:
+    in_shardings += (teacher_shardings,)
   return jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, rep),
                  donate_argnums=(0,))
 
 
-def make_eval_step(apply_fn: Callable, loss: Loss, train_cfg, state_shardings, mesh, rules):
-  """Returns jitted ``(params, batch) -> (numerator sum, denominator)`` for a held-out split."""
+def _teacher(teacher_apply: Optional[Callable], params: Any) -> Optional[Teacher]:
+  return None if params is None else Teacher(apply_fn=teacher_apply, params=params)
 
-  def step(params, batch):
-    ctx = LossContext(apply_fn=apply_fn, config=train_cfg)
+
+def make_eval_step(apply_fn: Callable, loss: Loss, train_cfg, state_shardings, mesh, rules, *,
+                   teacher_apply: Optional[Callable] = None, teacher_shardings: Any = None):
+  """Returns jitted ``(params, batch) -> (numerator sum, denominator)`` for a held-out split;
+  with ``teacher_shardings`` (distillation) ``(params, batch, teacher)``."""
+
+  def step(params, batch, teacher_params=None):
+    ctx = LossContext(apply_fn=apply_fn, config=train_cfg,
+                      teacher=_teacher(teacher_apply, teacher_params))
     num, metrics = loss.numerator(params, batch, ctx)
     return {"numerator": num, "denominator": loss.denominator(batch, train_cfg), **metrics}
 
   batch_sh = sharding_lib.batch_sharding(mesh, rules)
-  return jax.jit(step, in_shardings=(state_shardings.params, batch_sh),
-                 out_shardings=sharding_lib.replicated(mesh))
+  in_shardings = (state_shardings.params, batch_sh)
+  if teacher_shardings is not None:
+    in_shardings += (teacher_shardings,)
+  return jax.jit(step, in_shardings=in_shardings, out_shardings=sharding_lib.replicated(mesh))

@@ -39,6 +39,11 @@ start, never checkpointed, and passed to the step beside the state. ``trainer.pa
 adapters together (what ``model.apply`` and a sampler take); ``trainer.reference_params`` is the base
 with zero adapters — the base itself, no second copy. ``WORKDIR/lora_run.json`` names the base, so
 a restart on another base is refused and ``experiments.convert`` can export the merged model.
+
+Distillation (``config.train.loss='distill'``, kat_jax.train.distill): ``trainer.teacher`` is the
+frozen teacher restored from ``config.train.distill.teacher`` (any size, the student's vocabulary),
+sharded by the run's rules, never checkpointed; the train and eval steps take its params as their
+last argument. With precomputed top-k (``distill.topk_data``) no teacher is loaded.
 """
 from __future__ import annotations
 
@@ -60,6 +65,7 @@ from kat_jax import workdir as workdir_lib
 from kat_jax.model import ModelConfig, Transformer
 from kat_jax.model import lora as lora_lib
 from kat_jax.model.attention import intervals_from_segment_ids
+from kat_jax.train import distill as distill_lib
 from kat_jax.train import losses, metrics as metrics_lib, optimizer, stages
 from kat_jax.train import state as state_lib
 from kat_jax.train import step as step_lib
@@ -145,6 +151,8 @@ class Trainer:
     self.rules = sharding_lib.rules_from_config(config)
     self.loss_name = loss or train_cfg.loss or stages.get_stage(config.stage).loss
     self.loss = losses.get_loss(self.loss_name)
+    if self.loss_name == distill_lib.NAME:
+      config_lib.validate_distill(config, self.loss_name)   # also when the loss is the argument
     self.model_cfg = ModelConfig.from_config(config.model)
     self.model = Transformer(self.model_cfg, mesh=self.mesh, rules=self.rules)
     self.tx, self.schedule = optimizer.make_optimizer(train_cfg)
@@ -183,14 +191,25 @@ class Trainer:
     if train_cfg.use_reference:
       self.reference_params = (self._lora_reference() if self.lora else self._initial_params())
     self._rng = jax.random.key(config.seed + 1)
+    self.teacher: Optional[distill_lib.FrozenTeacher] = None
+    if self.loss_name == distill_lib.NAME and not train_cfg.distill.topk_data:
+      self.teacher = distill_lib.load_teacher(config, self.mesh, self.rules)
     lora_step = dict(frozen_shardings=self.base_shardings, combine=lora_lib.combine,
                      dropout_rng=self.model_cfg.lora.dropout > 0) if self.lora else {}
     self._train_step = step_lib.make_train_step(
         self.model.apply, self.loss, self.tx, self.schedule, train_cfg, self.shardings, self.mesh,
-        self.rules, **lora_step)
+        self.rules, **lora_step, **self._teacher_step_args())
     self._eval_step = None
     self._score_step = None
     self._last_log = (time.perf_counter(), self.step_count)
+
+  def _teacher_step_args(self) -> dict:
+    if self.teacher is None:
+      return {}
+    return dict(teacher_apply=self.teacher.model.apply, teacher_shardings=self.teacher.shardings)
+
+  def _teacher_args(self) -> tuple:
+    return () if self.teacher is None else (self.teacher.params,)
 
   # ------------------------------------------------------------------------------- state
 
@@ -295,7 +314,8 @@ class Trainer:
     ``CheckpointWriteError`` first if an asynchronous save has failed since the last step."""
     self.checkpointer.check()
     frozen = (self.base,) if self.lora else ()
-    self.state, metrics = self._train_step(self.state, self.to_global(batch), self._rng, *frozen)
+    self.state, metrics = self._train_step(self.state, self.to_global(batch), self._rng, *frozen,
+                                           *self._teacher_args())
     self._step_count += 1
     if self._step_count % self.config.train.check_finite_every == 0:
       self.check_finite(metrics)
@@ -322,11 +342,13 @@ class Trainer:
     if self._eval_step is None:
       self._eval_step = step_lib.make_eval_step(
           self.model.apply, self.loss, self.config.train,
-          self.shardings.replace(params=self.params_shardings), self.mesh, self.rules)
+          self.shardings.replace(params=self.params_shardings), self.mesh, self.rules,
+          **self._teacher_step_args())
     it = make_iterator()
     sums: dict[str, float] = {}
     for _ in range(num_batches or self.config.train.eval_steps):
-      out = jax.device_get(self._eval_step(self.params, self.to_global(next(it))))
+      out = jax.device_get(self._eval_step(self.params, self.to_global(next(it)),
+                                           *self._teacher_args()))
       for k, v in out.items():
         sums[k] = sums.get(k, 0.0) + float(v)
     den = max(sums.pop("denominator"), 1e-9)
